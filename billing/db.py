@@ -1,0 +1,63 @@
+"""Where the database lives: the embedded PostgreSQL (pgserver), the connection pool, and the schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+# Any constant works; it only has to be the same in every process that applies the schema.
+_SCHEMA_LOCK = 0x6D657465726C696E  # "meterlin"
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL whose data lives in `data_dir` and return its URL.
+
+    pgserver keeps one server per data directory and shares it between processes; data survives restarts.
+    """
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (as on CI machines); its fallback is fine.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported lazily: only needed when no database URL is configured
+
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode=None)
+    return str(server.get_uri())
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+    assert pool is not None
+    return pool
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(url)
+    await _init_connection(conn)
+    return conn
+
+
+async def apply_schema(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql; harmless to repeat, and serialised so that several processes may start at once."""
+    sql = SCHEMA_PATH.read_text(encoding="utf-8")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        await conn.execute(sql)
+
+
+async def reset(conn: asyncpg.Connection) -> None:
+    """Empty every table and restore the seed rows (tests use this between cases)."""
+    tables = await conn.fetchval(
+        "SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables WHERE schemaname = 'public'"
+    )
+    await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE; SELECT meterline_seed();")

@@ -1,0 +1,56 @@
+"""The billing package's exceptions, the only ones it raises on purpose.
+
+    BillingError
+    ├── InvalidAmount          an amount that is not a whole number of micros in range
+    ├── AccountNotFound        no customer account with that id
+    ├── KeyNotFound            no API key with that id
+    ├── InsufficientBalance    a debit the available balance cannot cover
+    ├── IdempotencyConflict    an Idempotency-Key reused with a different request
+    ├── DuplicateRequest       a hold for a request id that already has one
+    └── UnknownHold            settle or void of a request id that was never held
+
+The HTTP edge renders each as an OpenAI-shaped error; asyncpg's own errors are translated in billing.ledger.
+"""
+
+from __future__ import annotations
+
+
+class BillingError(Exception):
+    """Base of every error the billing package raises deliberately."""
+
+
+class InvalidAmount(BillingError):
+    pass
+
+
+class AccountNotFound(BillingError):
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"No account with id {account_id!r}")
+        self.account_id = account_id
+
+
+class KeyNotFound(BillingError):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"No API key with id {key_id!r}")
+        self.key_id = key_id
+
+
+class InsufficientBalance(BillingError):
+    def __init__(self, message: str, *, required_micros: int, available_micros: int) -> None:
+        super().__init__(message)
+        self.required_micros = required_micros
+        self.available_micros = available_micros
+
+
+class IdempotencyConflict(BillingError):
+    pass
+
+
+class DuplicateRequest(BillingError):
+    pass
+
+
+class UnknownHold(BillingError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"No hold for request {request_id!r}")
+        self.request_id = request_id

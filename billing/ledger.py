@@ -1,0 +1,255 @@
+"""The ledger: every SQL statement that moves money, as one call each.
+
+Each function takes the connection (or pool) to run on and performs one atomic step in PostgreSQL (the
+`meterline_*` functions in schema.sql). Nothing here reads a balance and then decides in Python.
+
+    reserve  hold an amount against a customer's available balance (two-phase, with an expiry)
+    settle   post the actual charge for a held request and release the rest (once)
+    void     release a hold without charging (once)
+    sweep    expire holds past their expiry (safe to run in several processes)
+    post     a top-up or an adjustment, optionally under an idempotency key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from billing.errors import (
+    AccountNotFound,
+    DuplicateRequest,
+    IdempotencyConflict,
+    InsufficientBalance,
+    InvalidAmount,
+    UnknownHold,
+)
+from billing.money import check_range
+
+Executor = asyncpg.Connection | asyncpg.Pool
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    request_id: str
+    granted_micros: int
+    available_micros: int  # what remains available after this hold
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The outcome of a hold. `replayed` is true when it was already resolved and nothing was written now."""
+
+    state: str  # settled | voided | expired
+    hold_micros: int
+    actual_micros: int  # 0 unless settled
+    overrun_micros: int
+    replayed: bool
+
+
+async def reserve(
+    conn: Executor,
+    *,
+    request_id: str,
+    account_id: str,
+    amount_micros: int,
+    min_micros: int | None = None,
+    ttl_seconds: float,
+    key_id: str | None = None,
+) -> Reservation:
+    """Hold `amount_micros`, or, when `min_micros` is given, as much of it as is available but at least that.
+
+    Raises InsufficientBalance (carrying what was required and what was available) or AccountNotFound.
+    """
+    low = amount_micros if min_micros is None else min_micros
+    check_range(amount_micros)
+    if low < 0 or low > amount_micros:
+        raise InvalidAmount(f"a hold needs 0 <= min <= amount, got min {low} and amount {amount_micros}")
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM meterline_reserve($1, $2, $3, $4, $5, $6)",
+            request_id, account_id, low, amount_micros, max(1, int(ttl_seconds * 1000)), key_id,
+        )
+    except asyncpg.UniqueViolationError:
+        raise DuplicateRequest(f"request {request_id!r} already has a hold") from None
+    assert row is not None
+    if row["available"] is None:
+        raise AccountNotFound(account_id)
+    if row["granted"] is None:
+        available = row["available"]
+        raise InsufficientBalance(
+            f"Insufficient balance: this request needs {low} micros and {max(available, 0)} are available",
+            required_micros=low,
+            available_micros=available,
+        )
+    return Reservation(request_id, row["granted"], row["available"], row["expires_at"])
+
+
+def _resolution(row: asyncpg.Record | None, request_id: str) -> Resolution:
+    if row is None:
+        raise UnknownHold(request_id)
+    return Resolution(
+        state=row["state"],
+        hold_micros=row["hold_micros"],
+        actual_micros=row["actual_micros"] or 0,
+        overrun_micros=row["overrun_micros"],
+        replayed=row["replayed"],
+    )
+
+
+async def settle(
+    conn: Executor,
+    *,
+    request_id: str,
+    actual_micros: int,
+    estimated: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Resolution:
+    """Post `actual_micros` for the held request and release the rest of its hold, exactly once.
+
+    `record` (a request-log row: model, usage, status, timings...) is written in the same transaction; its money
+    fields are filled from the ledger. A hold that had already expired is still charged in full (all of it
+    counts as overrun), so a charge is never lost.
+    """
+    check_range(actual_micros)
+    if actual_micros < 0:
+        raise InvalidAmount("a charge cannot be negative")
+    row = await conn.fetchrow(
+        "SELECT * FROM meterline_settle($1, $2, $3, $4)", request_id, actual_micros, estimated, record
+    )
+    return _resolution(row, request_id)
+
+
+async def void(
+    conn: Executor, *, request_id: str, reason: str, record: dict[str, Any] | None = None
+) -> Resolution:
+    """Release the held request's whole hold without charging, exactly once."""
+    row = await conn.fetchrow("SELECT * FROM meterline_void($1, $2, $3)", request_id, reason, record)
+    return _resolution(row, request_id)
+
+
+async def sweep(conn: Executor, *, limit: int = 500) -> int:
+    """Expire up to `limit` holds whose expiry (database clock) has passed; returns how many."""
+    count: int = await conn.fetchval("SELECT meterline_sweep($1)", limit)
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    transfer_id: int
+    account_id: str
+    kind: str
+    amount_micros: int  # signed, from the customer's side
+    description: str | None
+    balance_after_micros: int
+    held_micros: int
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "transfer_id": self.transfer_id,
+            "account_id": self.account_id,
+            "kind": self.kind,
+            "amount_micros": self.amount_micros,
+            "description": self.description,
+            "balance_micros": self.balance_after_micros,
+            "held_micros": self.held_micros,
+            "available_micros": self.balance_after_micros - self.held_micros,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+async def post(
+    conn: Executor, *, account_id: str, kind: str, amount_micros: int, description: str | None
+) -> Posting:
+    """A top-up (positive) or adjustment (signed) between the customer and the matching operator account."""
+    check_range(amount_micros)
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM meterline_post($1, $2, $3, $4)", account_id, kind, amount_micros, description
+        )
+    except asyncpg.PostgresError as exc:
+        code = getattr(exc, "sqlstate", None)
+        if code == "ML003":
+            raise AccountNotFound(account_id) from None
+        if code == "ML001":
+            raise InsufficientBalance(
+                f"Insufficient balance: the available balance does not cover a debit of {-amount_micros} micros",
+                required_micros=-amount_micros,
+                available_micros=await available_micros(conn, account_id),
+            ) from None
+        if isinstance(exc, asyncpg.NumericValueOutOfRangeError):
+            raise InvalidAmount("this amount would take the balance past the range of a 64-bit integer") from None
+        raise
+    assert row is not None
+    return Posting(
+        transfer_id=row["transfer_id"],
+        account_id=account_id,
+        kind=kind,
+        amount_micros=amount_micros,
+        description=description,
+        balance_after_micros=row["balance_after"],
+        held_micros=row["held"],
+        created_at=row["created_at"],
+    )
+
+
+def request_fingerprint(*parts: object) -> bytes:
+    """A stable digest of a request, to tell a replay from a different request under the same key."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+async def post_once(
+    pool: asyncpg.Pool,
+    *,
+    idempotency_key: str,
+    fingerprint: bytes,
+    account_id: str,
+    kind: str,
+    amount_micros: int,
+    description: str | None,
+) -> tuple[dict[str, Any], bool]:
+    """`post` under an idempotency key: returns (result, replayed).
+
+    The key is claimed by inserting it in the same transaction as the posting, so concurrent duplicates wait on
+    the first one's commit and then replay its stored result; a key reused for a different request raises
+    IdempotencyConflict.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = await conn.fetchval(
+            "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ('ledger', $1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            idempotency_key, fingerprint,
+        )
+        if not claimed:
+            stored = await conn.fetchrow(
+                "SELECT request_hash, response FROM idempotency_keys WHERE scope = 'ledger' AND key = $1",
+                idempotency_key,
+            )
+            assert stored is not None
+            if bytes(stored["request_hash"]) != fingerprint:
+                raise IdempotencyConflict(
+                    "This Idempotency-Key was already used with a different request; use a new key"
+                )
+            return stored["response"], True
+        posting = await post(
+            conn, account_id=account_id, kind=kind, amount_micros=amount_micros, description=description
+        )
+        result = posting.as_dict()
+        await conn.execute(
+            "UPDATE idempotency_keys SET status_code = 201, response = $2 WHERE scope = 'ledger' AND key = $1",
+            idempotency_key, result,
+        )
+        return result, False
+
+
+async def available_micros(conn: Executor, account_id: str) -> int:
+    value = await conn.fetchval(
+        "SELECT credits_posted - debits_posted - held_micros FROM accounts WHERE id = $1", account_id
+    )
+    return int(value or 0)

@@ -1,0 +1,73 @@
+"""Ledger invariants, checked from the database alone (`meterline verify` and the tests call `verify`)."""
+
+from __future__ import annotations
+
+from billing.ledger import Executor
+
+# Each check is a query returning one row per violation, with a human sentence in `problem`.
+_CHECKS: dict[str, str] = {
+    "zero-sum": """
+        SELECT format('the accounts do not sum to zero: they total %s micros', total) AS problem
+          FROM (SELECT sum(bal) AS total FROM (
+                  SELECT credit_account_id AS acct, amount_micros AS bal FROM transfers
+                  UNION ALL
+                  SELECT debit_account_id, -amount_micros FROM transfers) x) s
+         WHERE total <> 0
+    """,
+    "cached-balance": """
+        SELECT format('account %s caches credits %s / debits %s but its transfers sum to %s / %s',
+                      a.id, a.credits_posted, a.debits_posted, COALESCE(c.total, 0), COALESCE(d.total, 0))
+          FROM accounts a
+          LEFT JOIN (SELECT credit_account_id AS id, sum(amount_micros) AS total
+                       FROM transfers GROUP BY 1) c ON c.id = a.id
+          LEFT JOIN (SELECT debit_account_id AS id, sum(amount_micros) AS total
+                       FROM transfers GROUP BY 1) d ON d.id = a.id
+         WHERE a.kind = 'customer'
+           AND (a.credits_posted <> COALESCE(c.total, 0) OR a.debits_posted <> COALESCE(d.total, 0))
+    """,
+    "cached-holds": """
+        SELECT format('account %s caches %s micros held but its pending holds sum to %s',
+                      a.id, a.held_micros, COALESCE(h.total, 0))
+          FROM accounts a
+          LEFT JOIN (SELECT account_id, sum(amount_micros) AS total FROM holds
+                      WHERE state = 'pending' GROUP BY 1) h ON h.account_id = a.id
+         WHERE a.kind = 'customer' AND a.held_micros <> COALESCE(h.total, 0)
+    """,
+    "stale-holds": """
+        SELECT format('hold %s is still pending %s after its expiry', request_id, now() - expires_at)
+          FROM holds
+         WHERE state = 'pending' AND expires_at < now() - make_interval(secs => $1)
+    """,
+    "charges": """
+        SELECT format('settled hold %s charged %s micros but its charge transfer says %s',
+                      h.request_id, h.actual_micros, t.amount_micros)
+          FROM holds h LEFT JOIN transfers t ON t.request_id = h.request_id
+         WHERE h.state = 'settled' AND t.amount_micros IS DISTINCT FROM h.actual_micros
+        UNION ALL
+        SELECT format('charge %s for request %s has no settled hold', t.id, t.request_id)
+          FROM transfers t LEFT JOIN holds h ON h.request_id = t.request_id
+         WHERE t.kind = 'charge' AND h.state IS DISTINCT FROM 'settled'
+    """,
+    "overdraft": """
+        SELECT format('account %s is %s micros below zero available, more than its overruns of %s',
+                      a.id, -(a.credits_posted - a.debits_posted - a.held_micros), COALESCE(o.total, 0))
+          FROM accounts a
+          LEFT JOIN (SELECT account_id, sum(overrun_micros) AS total FROM transfers GROUP BY 1) o
+                 ON o.account_id = a.id
+         WHERE a.kind = 'customer'
+           AND a.credits_posted - a.debits_posted - a.held_micros < -COALESCE(o.total, 0)
+    """,
+}
+
+
+async def verify(conn: Executor, *, stale_after_seconds: float = 60.0) -> list[str]:
+    """Every violated invariant as a sentence naming it; an empty list means the ledger is sound.
+
+    `stale_after_seconds` is how long past its expiry a pending hold may wait for the sweeper.
+    """
+    problems: list[str] = []
+    for name, query in _CHECKS.items():
+        args = (stale_after_seconds,) if "$1" in query else ()
+        for row in await conn.fetch(query, *args):
+            problems.append(f"{name}: {row['problem']}")
+    return problems

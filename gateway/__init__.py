@@ -1,0 +1,1 @@
+"""Meterline's HTTP edge: parse, authenticate, call billing, relay, render."""

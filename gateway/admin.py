@@ -1,0 +1,196 @@
+"""The admin API under /admin: accounts, keys, top-ups, adjustments and ledger history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from billing import accounts, keys, ledger
+from billing.money import MAX_MICROS, usd_to_micros
+from gateway.auth import admin_middleware
+from gateway.bodies import query_int, read_model
+from gateway.errors import invalid
+from gateway.keys import KEY_STORE, POOL
+from gateway.render import json_response
+
+routes = web.RouteTableDef()
+
+Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+Micros = Annotated[StrictInt, Field(ge=-MAX_MICROS, le=MAX_MICROS)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateAccount(_Body):
+    name: Name
+
+
+class CreateKey(_Body):
+    name: Name | None = None
+
+
+class Amount(_Body):
+    amount_micros: Micros | None = None
+    amount_usd: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> Amount:
+        if (self.amount_micros is None) == (self.amount_usd is None):
+            raise ValueError("give exactly one of amount_micros and amount_usd")
+        return self
+
+    def micros(self) -> int:
+        if self.amount_micros is not None:
+            return self.amount_micros
+        assert self.amount_usd is not None
+        return usd_to_micros(self.amount_usd)
+
+
+class Topup(Amount):
+    description: Annotated[StrictStr, Field(max_length=1000)] | None = None
+
+
+class Adjustment(Amount):
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=1000)]
+
+
+def render_account(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "account",
+        "name": row["name"],
+        "balance_micros": row["balance_micros"],
+        "held_micros": row["held_micros"],
+        "available_micros": row["available_micros"],
+        "created_at": row["created_at"],
+    }
+
+
+def render_key(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "api_key",
+        "account_id": row["account_id"],
+        "name": row["name"],
+        "prefix": row["prefix"],
+        "created_at": row["created_at"],
+        "revoked_at": row["revoked_at"],
+    }
+
+
+def page(data: list[dict[str, Any]], *, limit: int, cursor: str | None) -> dict[str, Any]:
+    has_more = len(data) > limit
+    return {"object": "list", "data": data[:limit], "has_more": has_more,
+            "next_cursor": cursor if has_more else None}
+
+
+@routes.post("/accounts")
+async def create_account(request: web.Request) -> web.Response:
+    body = await read_model(request, CreateAccount)
+    row = await accounts.create_account(request.config_dict[POOL], name=body.name)
+    return json_response(render_account(row), status=201)
+
+
+@routes.get("/accounts")
+async def list_accounts(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", default=20, low=1, high=100)
+    rows = await accounts.list_accounts(
+        request.config_dict[POOL], limit=limit + 1, after=request.query.get("cursor") or None
+    )
+    data = [render_account(r) for r in rows]
+    return json_response(page(data, limit=limit, cursor=data[limit - 1]["id"] if len(data) > limit else None))
+
+
+@routes.get("/accounts/{account_id}")
+async def get_account(request: web.Request) -> web.Response:
+    row = await accounts.get_account(request.config_dict[POOL], request.match_info["account_id"])
+    return json_response(render_account(row))
+
+
+@routes.post("/accounts/{account_id}/keys")
+async def create_key(request: web.Request) -> web.Response:
+    body = await read_model(request, CreateKey) if request.can_read_body else CreateKey()
+    row, secret = await keys.create_key(
+        request.config_dict[POOL], account_id=request.match_info["account_id"], name=body.name
+    )
+    return json_response({**render_key(row), "key": secret}, status=201)
+
+
+@routes.get("/accounts/{account_id}/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    rows = await keys.list_keys(request.config_dict[POOL], request.match_info["account_id"])
+    return json_response({"object": "list", "data": [render_key(r) for r in rows], "has_more": False})
+
+
+@routes.delete("/keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    row = await keys.revoke_key(request.config_dict[POOL], request.match_info["key_id"])
+    request.config_dict[KEY_STORE].forget()
+    return json_response(render_key(row))
+
+
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "").strip()
+    if not key:
+        raise invalid("An Idempotency-Key header is required for money movements", "Idempotency-Key")
+    if len(key) > 255:
+        raise invalid("Idempotency-Key is longer than 255 characters", "Idempotency-Key")
+    return key
+
+
+async def _post(request: web.Request, *, kind: str, amount: int, description: str | None) -> web.Response:
+    account_id = request.match_info["account_id"]
+    idem = _idempotency_key(request)
+    result, replayed = await ledger.post_once(
+        request.config_dict[POOL],
+        idempotency_key=idem,
+        fingerprint=ledger.request_fingerprint(kind, account_id, amount, description),
+        account_id=account_id,
+        kind=kind,
+        amount_micros=amount,
+        description=description,
+    )
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return json_response({"object": kind, **result}, status=201, headers=headers)
+
+
+@routes.post("/accounts/{account_id}/topups")
+async def topup(request: web.Request) -> web.Response:
+    body = await read_model(request, Topup)
+    amount = body.micros()
+    if amount <= 0:
+        raise invalid("A top-up must be a positive amount", "amount_micros")
+    return await _post(request, kind="topup", amount=amount, description=body.description)
+
+
+@routes.post("/accounts/{account_id}/adjustments")
+async def adjustment(request: web.Request) -> web.Response:
+    body = await read_model(request, Adjustment)
+    amount = body.micros()
+    if amount == 0:
+        raise invalid("An adjustment must not be zero", "amount_micros")
+    return await _post(request, kind="adjustment", amount=amount, description=body.reason)
+
+
+@routes.get("/accounts/{account_id}/ledger")
+async def account_ledger(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", default=50, low=1, high=500)
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and not cursor.isdigit():
+        raise invalid("cursor must be a next_cursor value from a previous page", "cursor")
+    rows = await accounts.ledger_entries(
+        request.config_dict[POOL], request.match_info["account_id"],
+        limit=limit + 1, before_id=int(cursor) if cursor else None,
+    )
+    data = [{"object": "ledger_entry", **r} for r in rows]
+    return json_response(page(data, limit=limit, cursor=str(data[limit - 1]["id"]) if len(data) > limit else None))
+
+
+def admin_app() -> web.Application:
+    app = web.Application(middlewares=[admin_middleware])
+    app.add_routes(routes)
+    return app

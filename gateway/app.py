@@ -1,0 +1,62 @@
+"""The application factory: routes, middlewares and every shared resource, opened in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+
+from billing import db
+from billing.keys import KeyStore
+from gateway import admin, consumer
+from gateway.errors import error_middleware
+from gateway.keys import KEY_STORE, POOL, SETTINGS
+from gateway.render import json_response
+from gateway.settings import Settings
+from gateway.tasks import background_ctx
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    url = settings.database_url
+    if url is None:
+        url = await asyncio.to_thread(db.embedded_database_url, settings.data_dir)
+    pool = await db.create_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
+    try:
+        async with pool.acquire() as conn:
+            await db.apply_schema(conn)
+        app[POOL] = pool
+        app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds)
+        yield
+    finally:
+        await pool.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), timeout=2)
+        checks["database"] = "ok"
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ready" if ready else "unavailable", "checks": checks},
+                         status=200 if ready else 503)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(background_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    consumer.add_routes(app)
+    app.add_subapp("/admin", admin.admin_app())
+    return app

@@ -1,0 +1,43 @@
+"""Reading request input: JSON bodies, query parameters and their validation into clear 400s."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway.errors import invalid
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise invalid("The request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object")
+    return data
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    return model.model_validate(await read_json_object(request))
+
+
+def query_int(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise invalid(f"{name} must be between {low} and {high}", name)
+    return value

@@ -1,0 +1,157 @@
+"""The `meterline` command: serve, migrate, verify, and admin mirrors (accounts, keys, topup)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from billing import accounts, db, keys, ledger
+from billing.errors import BillingError
+from billing.money import usd_to_micros
+from billing.verify import verify
+from gateway.render import dumps
+from gateway.settings import Settings, SettingsError, load_settings
+
+
+def _database_url(settings: Settings) -> str:
+    return settings.database_url or db.embedded_database_url(settings.data_dir)
+
+
+async def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await db.connect(_database_url(settings))
+    try:
+        await db.apply_schema(conn)
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(json.loads(dumps(data)), indent=2))
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import create_app
+
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    if settings.database_url is None:
+        settings = settings.model_copy(update={"database_url": _database_url(settings)})
+    web.run_app(create_app(settings), host=host, port=port, print=lambda msg: print(msg, flush=True))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(_with_db(settings, lambda conn: asyncio.sleep(0)))
+    print("schema applied")
+    return 0
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    problems: list[str] = asyncio.run(
+        _with_db(settings, lambda conn: verify(conn, stale_after_seconds=settings.sweep_interval_seconds * 3))
+    )
+    for problem in problems:
+        print(f"VIOLATION {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("ledger verified: zero-sum, cached balances and holds match, no stale holds")
+    return 0
+
+
+def cmd_accounts_create(settings: Settings, args: argparse.Namespace) -> int:
+    _print(asyncio.run(_with_db(settings, lambda conn: accounts.create_account(conn, name=args.name))))
+    return 0
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    row, secret = asyncio.run(
+        _with_db(settings, lambda conn: keys.create_key(conn, account_id=args.account, name=args.name))
+    )
+    _print({**row, "key": secret})
+    return 0
+
+
+def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
+    amount = usd_to_micros(args.amount_usd)
+    if amount <= 0:
+        raise BillingError("a top-up must be a positive amount")
+
+    async def work(conn: asyncpg.Connection) -> Any:
+        pool = await db.create_pool(_database_url(settings), min_size=1, max_size=1)
+        try:
+            return await ledger.post_once(
+                pool,
+                idempotency_key=args.idempotency_key,
+                fingerprint=ledger.request_fingerprint("topup", args.account, amount, args.description),
+                account_id=args.account,
+                kind="topup",
+                amount_micros=amount,
+                description=args.description,
+            )
+        finally:
+            await pool.close()
+
+    result, replayed = asyncio.run(_with_db(settings, work))
+    _print({"object": "topup", **result, "replayed": replayed})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("migrate", help="apply schema.sql (harmless to repeat)").set_defaults(func=cmd_migrate)
+    sub.add_parser("verify", help="check every ledger invariant").set_defaults(func=cmd_verify)
+
+    acc = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
+    create = acc.add_parser("create", help="create a customer account")
+    create.add_argument("--name", required=True)
+    create.set_defaults(func=cmd_accounts_create)
+
+    key = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    kc = key.add_parser("create", help="mint an API key (the secret is printed once)")
+    kc.add_argument("--account", required=True)
+    kc.add_argument("--name", default=None)
+    kc.set_defaults(func=cmd_keys_create)
+
+    top = sub.add_parser("topup", help="credit an account")
+    top.add_argument("--account", required=True)
+    top.add_argument("--amount-usd", required=True)
+    top.add_argument("--idempotency-key", required=True)
+    top.add_argument("--description", default=None)
+    top.set_defaults(func=cmd_topup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+        status: int = args.func(settings, args)
+    except SettingsError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
+    except BillingError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Consumer routes that concern the account itself (its balance), under /v1 and /openai/v1."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from billing import accounts
+from gateway.auth import requires_key
+from gateway.keys import API_KEY, POOL
+from gateway.render import json_response, usd_number
+
+CONSUMER_PREFIXES = ("/v1", "/openai/v1")
+
+
+@requires_key
+async def balance(request: web.Request) -> web.Response:
+    row = await accounts.get_account(request.app[POOL], request[API_KEY].account_id)
+    return json_response({
+        "object": "balance",
+        "billing_type": "prepaid",
+        "available": {"amount": usd_number(row["available_micros"]), "currency": "usd"},
+        "available_micros": row["available_micros"],
+        "balance_micros": row["balance_micros"],
+        "held_micros": row["held_micros"],
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in CONSUMER_PREFIXES:
+        app.router.add_get(f"{prefix}/balance", balance)

@@ -1,0 +1,120 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}`, with Lumenfall's codes.
+
+`ApiError` is what handlers raise; `error_middleware` renders it, translates billing errors, aiohttp's HTTP
+exceptions and malformed input, and turns anything unexpected into a logged 500 that leaks no detail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from billing import errors as billing_errors
+from gateway.render import json_response
+
+log = logging.getLogger("meterline.errors")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - the wire field is called `type`
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.extra = extra or {}
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        error.update(self.extra)
+        return {"error": error}
+
+    def response(self) -> web.Response:
+        return json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, "INVALID_REQUEST", message, param=param)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "NOT_FOUND", message)
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(401, "AUTHENTICATION_FAILED", message, type="authentication_error")
+
+
+def from_validation(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif err["type"] == "missing":
+        message = "is required"
+    return invalid(f"{param}: {message}" if param else message, param)
+
+
+def from_billing(exc: billing_errors.BillingError) -> ApiError:
+    if isinstance(exc, billing_errors.InsufficientBalance):
+        return ApiError(
+            402, "INSUFFICIENT_BALANCE", str(exc), type="billing_error",
+            extra={"required_micros": exc.required_micros, "available_micros": exc.available_micros},
+        )
+    if isinstance(exc, billing_errors.AccountNotFound | billing_errors.KeyNotFound | billing_errors.UnknownHold):
+        return not_found(str(exc))
+    if isinstance(exc, billing_errors.IdempotencyConflict):
+        return ApiError(422, "IDEMPOTENCY_CONFLICT", str(exc))
+    if isinstance(exc, billing_errors.DuplicateRequest):
+        return ApiError(409, "CONFLICT", str(exc))
+    return invalid(str(exc))
+
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except billing_errors.BillingError as exc:
+        return from_billing(exc).response()
+    except ValidationError as exc:
+        return from_validation(exc).response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "INVALID_REQUEST")
+        message = exc.reason if exc.status != 404 else f"No route for {request.method} {request.path}"
+        return ApiError(exc.status, code, message, headers=_allow_header(exc)).response()
+    except Exception:
+        # The one place an unexpected error is caught: it is logged with its traceback and the client gets no
+        # detail. CancelledError is a BaseException and passes through untouched.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(500, "INTERNAL_ERROR", "Internal error", type="server_error").response()
+
+
+def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else None

@@ -1,0 +1,18 @@
+"""Typed application and request keys: every shared resource the app opens lives under one of these."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiohttp import web
+
+from billing.keys import ApiKey, KeyStore
+from gateway.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+KEY_STORE = web.AppKey("key_store", KeyStore)
+TASKS = web.AppKey("tasks", set[asyncio.Task[None]])
+
+API_KEY = web.RequestKey("api_key", ApiKey)

@@ -1,0 +1,118 @@
+"""Settings: `config/meterline.toml` (or the file named by METERLINE_CONFIG), overridden by METERLINE_* variables.
+
+Nested settings use `__` in variable names, e.g. METERLINE_UPSTREAMS__OPENROUTER__BASE_URL. A bad setting fails
+at start with a message naming it (see `describe_errors`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = Path("config") / "meterline.toml"
+
+
+class UpstreamSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str
+    api_key_env: str = Field(description="Name of the environment variable holding the upstream's API key")
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    timeout_seconds: float = Field(default=600.0, gt=0, description="Whole-request limit")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METERLINE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    database_url: str | None = Field(default=None, description="None: use the embedded PostgreSQL")
+    data_dir: Path = Path(".meterline")
+    admin_token: SecretStr | None = None
+    pool_min_size: int = Field(default=2, ge=1)
+    pool_max_size: int = Field(default=20, ge=1)
+    key_cache_seconds: float = Field(default=1.0, ge=0, le=1.0)
+    sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    hold_ttl_seconds: float = Field(default=900.0, gt=0)
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+def config_path() -> Path | None:
+    """The TOML file to read: METERLINE_CONFIG if set (it must exist), else config/meterline.toml."""
+    named = os.environ.get("METERLINE_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise SettingsError(f"METERLINE_CONFIG names {named!r}, which is not a file")
+        return path
+    for candidate in (Path.cwd() / DEFAULT_CONFIG, PROJECT_ROOT / DEFAULT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(part) for part in err["loc"]) or "(settings)"
+        lines.append(f"invalid setting {name}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from the TOML file and the environment; `overrides` win over both."""
+    path = config if config is not None else config_path()
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML
+        raise SettingsError(f"cannot read settings file {path}: {exc}") from None

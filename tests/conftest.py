@@ -1,0 +1,137 @@
+"""Shared fixtures: a real PostgreSQL for the whole session, a clean database per test, the app and its client.
+
+Where the database comes from, in order: METERLINE_TEST_DATABASE_URL; a testcontainers PostgreSQL when a Docker
+engine answers; else the embedded pgserver in a temporary directory. A fresh database is created for the session
+on that server (when it allows CREATE DATABASE), so parallel runs and other data are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from billing import db
+from gateway.app import create_app
+from gateway.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        return True
+    except Exception:  # any failure means "no usable engine"; the embedded server is the fallback
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    url = os.environ.get("METERLINE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        tmp = tempfile.mkdtemp(prefix="meterline-pg-")
+        server = pgserver.get_server(tmp, cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    name = f"meterline_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def create() -> str:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+            return _with_database(server_url, name)
+        except asyncpg.InsufficientPrivilegeError:
+            return server_url  # a database we may not multiply: use it as given
+        finally:
+            await conn.close()
+
+    url = asyncio.run(create())
+
+    async def migrate() -> None:
+        conn = await db.connect(url)
+        try:
+            await db.apply_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(migrate())
+    yield url
+    if url != server_url:
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(server_url)
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            asyncio.run(drop())
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database emptied for this test (seed rows restored)."""
+    p = await db.create_pool(database_url, min_size=1, max_size=20)
+    async with p.acquire() as conn:
+        await db.reset(conn)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return load_settings(
+        config=ROOT / "config" / "meterline.toml",
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        sweep_interval_seconds=0.2,
+        pool_min_size=1,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: object, settings: Settings, pool: asyncpg.Pool) -> TestClient:
+    return await aiohttp_client(create_app(settings))  # type: ignore[operator,no-any-return]
+
+
+def admin_headers(**extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}

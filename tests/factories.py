@@ -1,0 +1,31 @@
+"""Test data with keyword defaults: accounts with a balance, keys for them."""
+
+from __future__ import annotations
+
+import secrets
+
+from billing import accounts, keys, ledger
+from billing.ledger import Executor
+
+
+async def make_account(conn: Executor, *, balance_micros: int = 0, name: str = "acme") -> str:
+    account = await accounts.create_account(conn, name=name)
+    if balance_micros:
+        await ledger.post(conn, account_id=account["id"], kind="topup", amount_micros=balance_micros,
+                          description="test funding")
+    return str(account["id"])
+
+
+async def make_key(conn: Executor, account_id: str, *, name: str | None = "test") -> str:
+    _, secret = await keys.create_key(conn, account_id=account_id, name=name)
+    return secret
+
+
+async def make_customer(conn: Executor, *, balance_micros: int = 0) -> tuple[str, str]:
+    """An account with `balance_micros` and a key for it: (account_id, secret)."""
+    account_id = await make_account(conn, balance_micros=balance_micros)
+    return account_id, await make_key(conn, account_id)
+
+
+def request_id() -> str:
+    return f"req_{secrets.token_hex(8)}"
