@@ -16,7 +16,7 @@ _CHECKS: dict[str, str] = {
     """,
     "cached-balance": """
         SELECT format('account %s caches credits %s / debits %s but its transfers sum to %s / %s',
-                      a.id, a.credits_posted, a.debits_posted, COALESCE(c.total, 0), COALESCE(d.total, 0))
+                      a.id, a.credits_posted, a.debits_posted, COALESCE(c.total, 0), COALESCE(d.total, 0)) AS problem
           FROM accounts a
           LEFT JOIN (SELECT credit_account_id AS id, sum(amount_micros) AS total
                        FROM transfers GROUP BY 1) c ON c.id = a.id
@@ -27,20 +27,21 @@ _CHECKS: dict[str, str] = {
     """,
     "cached-holds": """
         SELECT format('account %s caches %s micros held but its pending holds sum to %s',
-                      a.id, a.held_micros, COALESCE(h.total, 0))
+                      a.id, a.held_micros, COALESCE(h.total, 0)) AS problem
           FROM accounts a
           LEFT JOIN (SELECT account_id, sum(amount_micros) AS total FROM holds
                       WHERE state = 'pending' GROUP BY 1) h ON h.account_id = a.id
          WHERE a.kind = 'customer' AND a.held_micros <> COALESCE(h.total, 0)
     """,
     "stale-holds": """
-        SELECT format('hold %s is still pending %s after its expiry', request_id, now() - expires_at)
+        SELECT format('hold %s is still pending %s after its expiry',
+                      request_id, date_trunc('second', now() - expires_at)) AS problem
           FROM holds
          WHERE state = 'pending' AND expires_at < now() - make_interval(secs => $1)
     """,
     "charges": """
         SELECT format('settled hold %s charged %s micros but its charge transfer says %s',
-                      h.request_id, h.actual_micros, t.amount_micros)
+                      h.request_id, h.actual_micros, t.amount_micros) AS problem
           FROM holds h LEFT JOIN transfers t ON t.request_id = h.request_id
          WHERE h.state = 'settled' AND t.amount_micros IS DISTINCT FROM h.actual_micros
         UNION ALL
@@ -50,7 +51,7 @@ _CHECKS: dict[str, str] = {
     """,
     "overdraft": """
         SELECT format('account %s is %s micros below zero available, more than its overruns of %s',
-                      a.id, -(a.credits_posted - a.debits_posted - a.held_micros), COALESCE(o.total, 0))
+                      a.id, -(a.credits_posted - a.debits_posted - a.held_micros), COALESCE(o.total, 0)) AS problem
           FROM accounts a
           LEFT JOIN (SELECT account_id, sum(overrun_micros) AS total FROM transfers GROUP BY 1) o
                  ON o.account_id = a.id
