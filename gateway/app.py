@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
@@ -12,7 +13,7 @@ from billing import db
 from billing.keys import KeyStore
 from gateway import admin, consumer
 from gateway.errors import error_middleware
-from gateway.keys import KEY_STORE, POOL, SETTINGS
+from gateway.keys import HTTP, KEY_STORE, POOL, SETTINGS
 from gateway.render import json_response
 from gateway.settings import Settings
 from gateway.tasks import background_ctx
@@ -32,6 +33,15 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await pool.close()
+
+
+async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One ClientSession for all upstream calls: its connector pools and reuses connections. Timeouts are set
+    per upstream on each call."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        app[HTTP] = session
+        yield
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -54,6 +64,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(background_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -28,7 +28,7 @@ class ApiError(Exception):
         code: str,
         message: str,
         *,
-        type: str = "invalid_request_error",  # noqa: A002 - the wire field is called `type`
+        type: str = "invalid_request_error",
         param: str | None = None,
         extra: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
@@ -14,5 +15,7 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 KEY_STORE = web.AppKey("key_store", KeyStore)
 TASKS = web.AppKey("tasks", set[asyncio.Task[None]])
+# The one client session (and connection pool) for every upstream call.
+HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 API_KEY = web.RequestKey("api_key", ApiKey)

@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from billing.catalog_config import ModelConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("config") / "meterline.toml"
 
@@ -57,6 +59,7 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     hold_ttl_seconds: float = Field(default=900.0, gt=0)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict, description="Locally priced models")
 
     @field_validator("database_url")
     @classmethod

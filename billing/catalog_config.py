@@ -1,0 +1,76 @@
+"""Priced model entries as they are configured (TOML `[models."id"]`), one type per modality.
+
+Prices are integer micros: per million tokens for text, per image for images, per second for video. Entries are
+told apart by `modality` (default "text"). Each type can describe its own prices for `GET models`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from billing.money import MAX_MICROS
+
+Price = Annotated[int, Field(ge=0, le=MAX_MICROS, strict=True)]
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upstream: str | None = Field(default=None, description="Upstream name; default: openrouter (text), media")
+    display_name: str | None = None
+
+
+class TextModelConfig(_Entry):
+    modality: Literal["text"] = "text"
+    input_per_mtok_micros: Price
+    output_per_mtok_micros: Price
+    cached_input_per_mtok_micros: Price | None = None
+    context_length: int = Field(gt=0)
+    max_output_tokens: int = Field(gt=0)
+
+    def pricing(self) -> dict[str, Any]:
+        return {
+            "input_per_mtok_micros": self.input_per_mtok_micros,
+            "output_per_mtok_micros": self.output_per_mtok_micros,
+            "cached_input_per_mtok_micros": self.cached_input_per_mtok_micros,
+        }
+
+
+class ImageModelConfig(_Entry):
+    """Price per image: `prices` keys are "SIZE/QUALITY" or "SIZE"; anything else allowed costs
+    `per_image_micros`. Only the listed sizes and qualities are accepted."""
+
+    modality: Literal["image"]
+    per_image_micros: Price
+    sizes: list[str] = Field(min_length=1)
+    qualities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    default_size: str | None = None
+    default_quality: str | None = None
+
+    def pricing(self) -> dict[str, Any]:
+        return {"per_image_micros": self.per_image_micros, "sizes": self.sizes,
+                "qualities": self.qualities, "prices": self.prices}
+
+
+class VideoModelConfig(_Entry):
+    """Price per second of video, by size (`prices` keyed by size, else `per_second_micros`)."""
+
+    modality: Literal["video"]
+    per_second_micros: Price
+    sizes: list[str] = Field(min_length=1)
+    prices: dict[str, Price] = Field(default_factory=dict)
+    seconds: list[int] = Field(default_factory=lambda: [4, 8, 12], min_length=1)
+    default_size: str | None = None
+    default_seconds: int | None = None
+
+    def pricing(self) -> dict[str, Any]:
+        return {"per_second_micros": self.per_second_micros, "sizes": self.sizes,
+                "seconds": self.seconds, "prices": self.prices}
+
+
+ModelConfig = Annotated[
+    TextModelConfig | ImageModelConfig | VideoModelConfig, Field(discriminator="modality")
+]
