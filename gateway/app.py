@@ -38,8 +38,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     """One ClientSession for all upstream calls: its connector pools and reuses connections. Timeouts are set
     per upstream on each call."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector) as session:
         app[HTTP] = session
         yield
 
