@@ -323,9 +323,13 @@ BEGIN
          WHERE a.id = p_account_id AND a.kind = 'customer'
            AND a.credits_posted - a.debits_posted - a.held_micros >= -p_amount
         RETURNING a.credits_posted - a.debits_posted, a.held_micros INTO v_balance, v_held;
-        IF NOT FOUND AND EXISTS (SELECT 1 FROM accounts WHERE id = p_account_id AND kind = 'customer') THEN
-            RAISE EXCEPTION 'available balance does not cover a debit of % micros', -p_amount
-                USING ERRCODE = 'ML001';
+        IF NOT FOUND THEN
+            SELECT a.credits_posted - a.debits_posted - a.held_micros INTO v_balance
+              FROM accounts a WHERE a.id = p_account_id AND a.kind = 'customer';
+            IF FOUND THEN
+                RAISE EXCEPTION 'available balance does not cover a debit of % micros', -p_amount
+                    USING ERRCODE = 'ML001', DETAIL = v_balance::text;
+            END IF;
         END IF;
     END IF;
     IF NOT FOUND THEN

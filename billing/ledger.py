@@ -181,7 +181,7 @@ async def post(
             raise InsufficientBalance(
                 f"Insufficient balance: the available balance does not cover a debit of {-amount_micros} micros",
                 required_micros=-amount_micros,
-                available_micros=await available_micros(conn, account_id),
+                available_micros=int(exc.detail or 0),  # meterline_post reports it: the transaction is dead
             ) from None
         if isinstance(exc, asyncpg.NumericValueOutOfRangeError):
             raise InvalidAmount("this amount would take the balance past the range of a 64-bit integer") from None
