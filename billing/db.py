@@ -18,7 +18,8 @@ _SCHEMA_LOCK = 0x6D657465726C696E  # "meterlin"
 def embedded_database_url(data_dir: Path) -> str:
     """Start (or join) the embedded PostgreSQL whose data lives in `data_dir` and return its URL.
 
-    pgserver keeps one server per data directory and shares it between processes; data survives restarts.
+    pgserver keeps one server per data directory, shared by every process that asks for it, and stops it when
+    the last of them exits; the data stays in `data_dir` across restarts.
     """
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (as on CI machines); its fallback is fine.
@@ -27,7 +28,7 @@ def embedded_database_url(data_dir: Path) -> str:
 
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode=None)
+        server = pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
     return str(server.get_uri())
 
 
