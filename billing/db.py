@@ -28,7 +28,9 @@ def embedded_database_url(data_dir: Path) -> str:
 
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
+        server = pgserver.get_server(  # type: ignore[attr-defined]
+            data_dir.resolve() / "pgdata", cleanup_mode="stop"
+        )
     return str(server.get_uri())
 
 

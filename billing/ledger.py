@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 import asyncpg
 
@@ -26,11 +26,13 @@ from billing.errors import (
     IdempotencyConflict,
     InsufficientBalance,
     InvalidAmount,
+    KeyLimitExceeded,
     UnknownHold,
 )
 from billing.money import check_range
 
-Executor = asyncpg.Connection | asyncpg.Pool
+# What every ledger call runs on: a connection (inside a caller's transaction) or the pool.
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,8 @@ async def reserve(
 ) -> Reservation:
     """Hold `amount_micros`, or, when `min_micros` is given, as much of it as is available but at least that.
 
-    Raises InsufficientBalance (carrying what was required and what was available) or AccountNotFound.
+    Raises InsufficientBalance (carrying what was required and what was available), KeyLimitExceeded (the key's
+    spend limit, checked in the same statement) or AccountNotFound.
     """
     low = amount_micros if min_micros is None else min_micros
     check_range(amount_micros)
@@ -80,6 +83,8 @@ async def reserve(
     assert row is not None
     if row["available"] is None:
         raise AccountNotFound(account_id)
+    if row["granted"] is None and row["expires_at"] is not None:
+        raise await _key_limit_refusal(conn, key_id or "", row["available"], row["expires_at"])
     if row["granted"] is None:
         available = row["available"]
         raise InsufficientBalance(
@@ -88,6 +93,21 @@ async def reserve(
             available_micros=available,
         )
     return Reservation(request_id, row["granted"], row["available"], row["expires_at"])
+
+
+async def _key_limit_refusal(conn: Executor, key_id: str, remaining: int, resets_at: datetime) -> KeyLimitExceeded:
+    """meterline_reserve refused because of the key's spend limit (it says so with a reset time); the limit itself
+    is read only to word the error."""
+    row = await conn.fetchrow("SELECT limit_micros, limit_reset FROM api_keys WHERE id = $1", key_id)
+    limit = int(row["limit_micros"] or 0) if row else 0
+    reset = row["limit_reset"] if row else None
+    when = "never resets" if reset is None else f"resets at {resets_at.astimezone(UTC).isoformat()}"
+    return KeyLimitExceeded(
+        f"This API key's spend limit of {limit} micros ({reset or 'total'}) is reached: {max(remaining, 0)} micros"
+        f" remain and the limit {when}",
+        key_id=key_id, limit_micros=limit, remaining_micros=remaining, limit_reset=reset,
+        resets_at=None if reset is None else resets_at,
+    )
 
 
 def _resolution(row: asyncpg.Record | None, request_id: str) -> Resolution:

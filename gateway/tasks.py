@@ -44,12 +44,13 @@ async def sweep_expired_holds(app: web.Application) -> None:
 
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[TASKS] = set()
+    owned: set[asyncio.Task[None]] = set()
+    app[TASKS] = owned
     settings = app[SETTINGS]
     spawn(app, "hold-sweeper",
           every(settings.sweep_interval_seconds, lambda: sweep_expired_holds(app), "hold sweep"))
     yield
-    tasks = list(app[TASKS])
+    tasks = list(owned)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

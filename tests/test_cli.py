@@ -88,7 +88,7 @@ def _free_port() -> int:
 def _get(url: str, token: str | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -137,7 +137,7 @@ def test_serve_on_the_embedded_database_keeps_data_across_restarts(tmp_path: Pat
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/admin/accounts", data=body, method="POST",
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=5) as resp:
             created = json.loads(resp.read())
     finally:
         _stop(proc)
