@@ -5,6 +5,7 @@
     ├── AccountNotFound        no customer account with that id
     ├── KeyNotFound            no API key with that id
     ├── InsufficientBalance    a debit the available balance cannot cover
+    ├── KeyLimitExceeded       a hold the key's spend limit (in its current window) cannot cover
     ├── IdempotencyConflict    an Idempotency-Key reused with a different request
     ├── DuplicateRequest       a hold for a request id that already has one
     └── UnknownHold            settle or void of a request id that was never held
@@ -13,6 +14,8 @@ The HTTP edge renders each as an OpenAI-shaped error; asyncpg's own errors are t
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class BillingError(Exception):
@@ -40,6 +43,21 @@ class InsufficientBalance(BillingError):
         super().__init__(message)
         self.required_micros = required_micros
         self.available_micros = available_micros
+
+
+class KeyLimitExceeded(BillingError):
+    """`resets_at` is None for a limit that never resets."""
+
+    def __init__(
+        self, message: str, *, key_id: str, limit_micros: int, remaining_micros: int,
+        limit_reset: str | None, resets_at: datetime | None,
+    ) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+        self.limit_micros = limit_micros
+        self.remaining_micros = remaining_micros
+        self.limit_reset = limit_reset
+        self.resets_at = resets_at
 
 
 class IdempotencyConflict(BillingError):
