@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from billing import ledger
 from billing.verify import verify
 from tests.conftest import admin_headers
-from tests.factories import make_account, make_customer, request_id
+from tests.factories import make_account, request_id
 
 
 async def test_health_and_readiness(client: TestClient) -> None:
@@ -52,7 +52,7 @@ FIELDS = st.fixed_dictionaries(
 
 
 async def test_no_admin_body_produces_a_500(client: TestClient, pool: asyncpg.Pool) -> None:
-    account, secret = await make_customer(pool, balance_micros=1_000)
+    account = await make_account(pool, balance_micros=1_000)
     paths = [f"/admin/accounts/{account}/topups", f"/admin/accounts/{account}/adjustments", "/admin/accounts",
              f"/admin/accounts/{account}/keys"]
     statuses: set[int] = set()
