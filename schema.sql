@@ -152,6 +152,131 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (scope, key)
 );
 
+-- Per-key limits (issue 5). A spend limit is enforced inside meterline_reserve under the same locks as the
+-- balance: the key row caches its spend in the current window and its pending holds, like an account does.
+-- Windows start at 00:00 UTC; weeks start on Monday (date_trunc('week')). A NULL limit_reset never resets.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_micros bigint CHECK (limit_micros >= 0);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_reset text CHECK (limit_reset IN ('daily', 'weekly', 'monthly'));
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_start timestamptz;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_spent_micros bigint NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS held_micros bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm_limit integer CHECK (rpm_limit BETWEEN 1 AND 1000);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpd_limit integer CHECK (rpd_limit BETWEEN 1 AND 10000);
+-- Whether this hold counts against its key's cached held_micros (the key had a limit when it was made), so that
+-- releasing it later is exact even if the limit was changed in between.
+ALTER TABLE holds ADD COLUMN IF NOT EXISTS key_limited boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS holds_key ON holds (key_id, created_at) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at, id);
+
+-- The clock for limit windows: `SET meterline.now = '...'` pins it (tests, replays); otherwise now().
+CREATE OR REPLACE FUNCTION meterline_now() RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(NULLIF(current_setting('meterline.now', true), '')::timestamptz, now());
+$$;
+
+-- Start of the limit window containing p_at (UTC); 'epoch' for a limit that never resets.
+CREATE OR REPLACE FUNCTION meterline_window_start(p_reset text, p_at timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_reset
+        WHEN 'daily' THEN date_trunc('day', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        WHEN 'weekly' THEN date_trunc('week', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        WHEN 'monthly' THEN date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        ELSE 'epoch'::timestamptz END;
+$$;
+
+-- When the window containing p_at ends; 'infinity' for a limit that never resets.
+CREATE OR REPLACE FUNCTION meterline_window_end(p_reset text, p_at timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_reset IS NULL THEN 'infinity'::timestamptz
+        ELSE meterline_window_start(p_reset, p_at) + CASE p_reset
+            WHEN 'daily' THEN interval '1 day' WHEN 'weekly' THEN interval '1 week' ELSE interval '1 month' END
+        END;
+$$;
+
+-- Release a resolved hold from its key and add the charge to the key's current window. Called with the
+-- account row already locked (every path locks the account before the key, so keys cannot deadlock).
+CREATE OR REPLACE FUNCTION meterline_key_release(p_hold holds, p_release bigint, p_actual bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_hold.key_id IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE api_keys k
+       SET held_micros = k.held_micros - CASE WHEN p_hold.key_limited THEN p_release ELSE 0 END,
+           window_spent_micros = CASE WHEN p_actual = 0 THEN k.window_spent_micros
+               WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+               THEN k.window_spent_micros + p_actual ELSE p_actual END,
+           window_start = CASE WHEN p_actual = 0 THEN k.window_start
+               ELSE meterline_window_start(k.limit_reset, meterline_now()) END
+     WHERE k.id = p_hold.key_id
+       AND (p_hold.key_limited OR (k.limit_micros IS NOT NULL AND p_actual > 0));
+END $$;
+
+-- Rate limits: one counter row per key, kind and window, bumped only while under the limit. Both windows are
+-- decided in one call; a request refused by either window is counted in neither.
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key_id       text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('minute', 'day')),
+    window_start timestamptz NOT NULL,
+    count        integer NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (key_id, kind, window_start)
+);
+
+CREATE OR REPLACE FUNCTION meterline_rate_bump(
+    p_key_id text, p_kind text, p_start timestamptz, p_limit integer
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_count    integer;
+    v_inserted boolean;
+BEGIN
+    INSERT INTO rate_windows AS r (key_id, kind, window_start, count) VALUES (p_key_id, p_kind, p_start, 1)
+    ON CONFLICT (key_id, kind, window_start) DO UPDATE SET count = r.count + 1 WHERE r.count < p_limit
+    RETURNING r.count, (r.xmax = 0) INTO v_count, v_inserted;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_inserted THEN  -- a new window: the key's older windows are finished
+        DELETE FROM rate_windows WHERE key_id = p_key_id AND kind = p_kind AND window_start < p_start;
+    END IF;
+    RETURN v_count;
+END $$;
+
+-- Count one request against the key's per-minute and per-day limits (NULL = no limit). allowed = false leaves
+-- both counters as they were. The counts returned are the ones in force after this call.
+CREATE OR REPLACE FUNCTION meterline_rate_hit(p_key_id text, p_rpm integer, p_rpd integer)
+RETURNS TABLE (allowed boolean, minute_count integer, minute_reset timestamptz,
+               day_count integer, day_reset timestamptz, at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now    timestamptz := meterline_now();
+    v_minute timestamptz := date_trunc('minute', v_now);
+    v_day    timestamptz := meterline_window_start('daily', v_now);
+    v_m      integer;
+    v_d      integer;
+BEGIN
+    IF p_rpm IS NOT NULL THEN
+        v_m := meterline_rate_bump(p_key_id, 'minute', v_minute, p_rpm);
+        IF v_m IS NULL THEN
+            RETURN QUERY SELECT false, p_rpm, v_minute + interval '1 minute',
+                (SELECT r.count FROM rate_windows r WHERE r.key_id = p_key_id AND r.kind = 'day'
+                    AND r.window_start = v_day), v_day + interval '1 day', v_now;
+            RETURN;
+        END IF;
+    END IF;
+    IF p_rpd IS NOT NULL THEN
+        v_d := meterline_rate_bump(p_key_id, 'day', v_day, p_rpd);
+        IF v_d IS NULL THEN
+            IF v_m IS NOT NULL THEN  -- refused by the day: give the minute its request back
+                UPDATE rate_windows r SET count = r.count - 1
+                 WHERE r.key_id = p_key_id AND r.kind = 'minute' AND r.window_start = v_minute;
+                v_m := v_m - 1;
+            END IF;
+            RETURN QUERY SELECT false, v_m, v_minute + interval '1 minute', p_rpd, v_day + interval '1 day', v_now;
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT true, v_m, v_minute + interval '1 minute', v_d, v_day + interval '1 day', v_now;
+END $$;
+
 -- reserve: hold between p_min and p_max micros (as much of p_max as the balance allows, never less than p_min).
 -- The account row is locked, so concurrent reservations from any number of processes queue here and each sees
 -- the balance the previous one left. Returns granted = NULL when refused (available tells why; NULL account
@@ -164,6 +289,8 @@ DECLARE
     v_available bigint;
     v_granted   bigint;
     v_expires   timestamptz;
+    k           api_keys;
+    v_key_left  bigint;
 BEGIN
     IF p_min < 0 OR p_max < p_min OR p_ttl_ms <= 0 THEN
         RAISE EXCEPTION 'bad reservation: min %, max %, ttl % ms', p_min, p_max, p_ttl_ms USING ERRCODE = '22023';
@@ -180,9 +307,27 @@ BEGIN
         RETURN;
     END IF;
     v_granted := LEAST(v_available, p_max);
+    -- A key with a spend limit is locked after its account (the order every path uses) and grants at most what
+    -- is left in its window. A refusal because of the key returns granted = NULL with expires_at = when the
+    -- key's window resets ('infinity' if never) and available = what the key has left.
+    IF p_key_id IS NOT NULL THEN
+        SELECT * INTO k FROM api_keys WHERE id = p_key_id AND limit_micros IS NOT NULL FOR UPDATE;
+        IF FOUND THEN
+            v_key_left := k.limit_micros - k.held_micros - CASE
+                WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+                THEN k.window_spent_micros ELSE 0 END;
+            IF v_key_left < p_min OR v_key_left < 0 THEN
+                RETURN QUERY SELECT NULL::bigint, v_key_left, meterline_window_end(k.limit_reset, meterline_now());
+                RETURN;
+            END IF;
+            v_granted := LEAST(v_granted, v_key_left);
+            UPDATE api_keys SET held_micros = held_micros + v_granted WHERE id = p_key_id;
+        END IF;
+    END IF;
     UPDATE accounts SET held_micros = held_micros + v_granted WHERE id = p_account_id;
-    INSERT INTO holds (request_id, account_id, key_id, amount_micros, expires_at)
-    VALUES (p_request_id, p_account_id, p_key_id, v_granted, now() + p_ttl_ms * interval '1 millisecond')
+    INSERT INTO holds (request_id, account_id, key_id, amount_micros, expires_at, key_limited)
+    VALUES (p_request_id, p_account_id, p_key_id, v_granted, now() + p_ttl_ms * interval '1 millisecond',
+            k.id IS NOT NULL)
     RETURNING holds.expires_at INTO v_expires;
     RETURN QUERY SELECT v_granted, v_available - v_granted, v_expires;
 END $$;
@@ -242,6 +387,7 @@ BEGIN
                            overrun_micros, estimated, balance_after_micros)
     VALUES (h.account_id, h.account_id, 'op_revenue', p_actual, 'charge', p_request_id,
             v_overrun, p_estimated, v_balance);
+    PERFORM meterline_key_release(h, v_release, p_actual);
     UPDATE holds SET state = 'settled', actual_micros = p_actual, overrun_micros = v_overrun,
                      expired_first = (h.state = 'expired'), resolved_at = now()
      WHERE holds.request_id = p_request_id;
@@ -266,6 +412,7 @@ BEGIN
         RETURN;
     END IF;
     UPDATE accounts a SET held_micros = a.held_micros - h.amount_micros WHERE a.id = h.account_id;
+    PERFORM meterline_key_release(h, h.amount_micros, 0);
     UPDATE holds SET state = 'voided', reason = p_reason, resolved_at = now()
      WHERE holds.request_id = p_request_id;
     PERFORM meterline_record(p_request_id, h, 'voided', 0, false, 0,
@@ -290,6 +437,7 @@ BEGIN
          FOR UPDATE SKIP LOCKED
     LOOP
         UPDATE accounts a SET held_micros = a.held_micros - h.amount_micros WHERE a.id = h.account_id;
+        PERFORM meterline_key_release(h, h.amount_micros, 0);
         UPDATE holds SET state = 'expired', reason = 'hold expired', resolved_at = now()
          WHERE holds.request_id = h.request_id;
         v_count := v_count + 1;
@@ -344,3 +492,36 @@ BEGIN
     RETURNING transfers.id, transfers.created_at INTO v_id, v_created;
     RETURN QUERY SELECT v_id, v_balance, v_held, v_created;
 END $$;
+
+-- Video jobs (issue 4): one row per asynchronous upstream job, holding its price until the upstream reports an
+-- outcome. Any gateway process may poll a job: it first takes a lease (lease_owner, lease_until) with
+-- FOR UPDATE SKIP LOCKED, so each poll happens in one process; a lease left by a crashed process expires and the
+-- job is picked up again. Settlement is guarded twice: by the status check here and by the hold's own state.
+CREATE TABLE IF NOT EXISTS videos (
+    id           text PRIMARY KEY,
+    account_id   text NOT NULL REFERENCES accounts (id),
+    key_id       text,
+    request_id   text NOT NULL UNIQUE,
+    model        text NOT NULL,
+    upstream     text NOT NULL,
+    upstream_id  text,
+    endpoint     text,
+    prompt       text,
+    size         text NOT NULL,
+    seconds      integer NOT NULL CHECK (seconds > 0),
+    price_micros bigint NOT NULL CHECK (price_micros >= 0),
+    cost_micros  bigint CHECK (cost_micros >= 0),
+    status       text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'in_progress', 'completed', 'failed')),
+    progress     integer NOT NULL DEFAULT 0,
+    error        jsonb,
+    output       jsonb,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    completed_at timestamptz,
+    deadline_at  timestamptz NOT NULL,
+    next_poll_at timestamptz NOT NULL DEFAULT now(),
+    lease_owner  text,
+    lease_until  timestamptz,
+    CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');
+CREATE INDEX IF NOT EXISTS videos_account ON videos (account_id, created_at);

@@ -20,6 +20,7 @@ from billing.ledger import Executor
 KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters
 _DISPLAY_CHARS = 8
+_LIMITS = "limit_micros, limit_reset, rpm_limit, rpd_limit"  # per-key limits (billing.limits)
 
 
 def digest(secret: str) -> bytes:
@@ -36,6 +37,9 @@ class ApiKey:
     account_id: str
     name: str | None
     prefix: str
+    # Request-rate limits (None = unlimited), cached with the key so an unlimited key needs no extra read.
+    rpm_limit: int | None = None
+    rpd_limit: int | None = None
 
 
 async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tuple[dict[str, Any], str]:
@@ -44,7 +48,7 @@ async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tu
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = await conn.fetchrow(
         "INSERT INTO api_keys (id, account_id, name, prefix, digest) VALUES ($1, $2, $3, $4, $5)"
-        " RETURNING id, account_id, name, prefix, created_at, revoked_at",
+        " RETURNING id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS,
         new_id("key"), account_id, name, secret[: len(KEY_PREFIX) + _DISPLAY_CHARS], digest(secret),
     )
     assert row is not None
@@ -54,7 +58,7 @@ async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tu
 async def list_keys(conn: Executor, account_id: str) -> list[dict[str, Any]]:
     await get_account(conn, account_id)
     rows = await conn.fetch(
-        "SELECT id, account_id, name, prefix, created_at, revoked_at FROM api_keys"
+        "SELECT id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS + " FROM api_keys"
         " WHERE account_id = $1 ORDER BY created_at, id",
         account_id,
     )
@@ -64,7 +68,7 @@ async def list_keys(conn: Executor, account_id: str) -> list[dict[str, Any]]:
 async def revoke_key(conn: Executor, key_id: str) -> dict[str, Any]:
     row = await conn.fetchrow(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1"
-        " RETURNING id, account_id, name, prefix, created_at, revoked_at",
+        " RETURNING id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS,
         key_id,
     )
     if row is None:
@@ -90,12 +94,14 @@ class KeyStore:
         if cached is not None and cached[0] > now:
             return cached[1]
         row = await self._conn.fetchrow(
-            "SELECT id, account_id, name, prefix, digest FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
+            "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit FROM api_keys"
+            " WHERE digest = $1 AND revoked_at IS NULL",
             wanted,
         )
         key = None
         if row is not None and hmac.compare_digest(bytes(row["digest"]), wanted):
-            key = ApiKey(row["id"], row["account_id"], row["name"], row["prefix"])
+            key = ApiKey(row["id"], row["account_id"], row["name"], row["prefix"],
+                         row["rpm_limit"], row["rpd_limit"])
         if len(self._cache) >= self._max:
             self._cache.clear()
         self._cache[wanted] = (now + self._ttl, key)

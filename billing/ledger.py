@@ -69,22 +69,38 @@ async def reserve(
     Raises InsufficientBalance (carrying what was required and what was available), KeyLimitExceeded (the key's
     spend limit, checked in the same statement) or AccountNotFound.
     """
+    low = hold_minimum(amount_micros, min_micros)
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM meterline_reserve($1, $2, $3, $4, $5, $6)",
+            request_id, account_id, low, amount_micros, ttl_ms(ttl_seconds), key_id,
+        )
+    except asyncpg.UniqueViolationError:
+        raise DuplicateRequest(f"request {request_id!r} already has a hold") from None
+    return await reservation(conn, row, request_id=request_id, account_id=account_id, low=low, key_id=key_id)
+
+
+def hold_minimum(amount_micros: int, min_micros: int | None) -> int:
+    """The least a hold may grant (`amount_micros` unless `min_micros` is given), checked."""
     low = amount_micros if min_micros is None else min_micros
     check_range(amount_micros)
     if low < 0 or low > amount_micros:
         raise InvalidAmount(f"a hold needs 0 <= min <= amount, got min {low} and amount {amount_micros}")
-    try:
-        row = await conn.fetchrow(
-            "SELECT * FROM meterline_reserve($1, $2, $3, $4, $5, $6)",
-            request_id, account_id, low, amount_micros, max(1, int(ttl_seconds * 1000)), key_id,
-        )
-    except asyncpg.UniqueViolationError:
-        raise DuplicateRequest(f"request {request_id!r} already has a hold") from None
+    return low
+
+
+def ttl_ms(ttl_seconds: float) -> int:
+    return max(1, int(ttl_seconds * 1000))
+
+
+async def reservation(conn: Executor, row: asyncpg.Record | None, *, request_id: str, account_id: str, low: int,
+                      key_id: str | None) -> Reservation:
+    """The outcome of one meterline_reserve row (billing.batcher reads batched rows with it too)."""
     assert row is not None
     if row["available"] is None:
         raise AccountNotFound(account_id)
     if row["granted"] is None and row["expires_at"] is not None:
-        raise await _key_limit_refusal(conn, key_id or "", row["available"], row["expires_at"])
+        raise await key_limit_refusal(conn, key_id or "", row["available"], row["expires_at"])
     if row["granted"] is None:
         available = row["available"]
         raise InsufficientBalance(
@@ -95,9 +111,9 @@ async def reserve(
     return Reservation(request_id, row["granted"], row["available"], row["expires_at"])
 
 
-async def _key_limit_refusal(conn: Executor, key_id: str, remaining: int, resets_at: datetime) -> KeyLimitExceeded:
-    """meterline_reserve refused because of the key's spend limit (it says so with a reset time); the limit itself
-    is read only to word the error."""
+async def key_limit_refusal(conn: Executor, key_id: str, remaining: int, resets_at: datetime) -> KeyLimitExceeded:
+    """The error for a row of meterline_reserve refused by the key's spend limit (granted NULL with expires_at set
+    to when the key's window resets; available = what the key has left). The limit is read only to word it."""
     row = await conn.fetchrow("SELECT limit_micros, limit_reset FROM api_keys WHERE id = $1", key_id)
     limit = int(row["limit_micros"] or 0) if row else 0
     reset = row["limit_reset"] if row else None
@@ -110,7 +126,14 @@ async def _key_limit_refusal(conn: Executor, key_id: str, remaining: int, resets
     )
 
 
-def _resolution(row: asyncpg.Record | None, request_id: str) -> Resolution:
+def check_charge(actual_micros: int) -> None:
+    check_range(actual_micros)
+    if actual_micros < 0:
+        raise InvalidAmount("a charge cannot be negative")
+
+
+def resolution(row: asyncpg.Record | None, request_id: str) -> Resolution:
+    """The outcome of one meterline_settle / meterline_void row (None: no such hold)."""
     if row is None:
         raise UnknownHold(request_id)
     return Resolution(
@@ -136,13 +159,11 @@ async def settle(
     fields are filled from the ledger. A hold that had already expired is still charged in full (all of it
     counts as overrun), so a charge is never lost.
     """
-    check_range(actual_micros)
-    if actual_micros < 0:
-        raise InvalidAmount("a charge cannot be negative")
+    check_charge(actual_micros)
     row = await conn.fetchrow(
         "SELECT * FROM meterline_settle($1, $2, $3, $4)", request_id, actual_micros, estimated, record
     )
-    return _resolution(row, request_id)
+    return resolution(row, request_id)
 
 
 async def void(
@@ -150,7 +171,7 @@ async def void(
 ) -> Resolution:
     """Release the held request's whole hold without charging, exactly once."""
     row = await conn.fetchrow("SELECT * FROM meterline_void($1, $2, $3)", request_id, reason, record)
-    return _resolution(row, request_id)
+    return resolution(row, request_id)
 
 
 async def sweep(conn: Executor, *, limit: int = 500) -> int:

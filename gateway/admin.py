@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
-from billing import accounts, keys, ledger
+from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
 from gateway.auth import admin_middleware
 from gateway.bodies import query_int, read_model
 from gateway.errors import invalid
+from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
 from gateway.render import json_response
 
@@ -29,7 +30,19 @@ class CreateAccount(_Body):
     name: Name
 
 
-class CreateKey(_Body):
+class KeyLimits(_Body):
+    """Per-key limits (issue 5); a field left out is unchanged, null clears it."""
+
+    limit_micros: Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)] | None = None
+    limit_reset: Literal["daily", "weekly", "monthly"] | None = None
+    rpm_limit: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+    rpd_limit: Annotated[StrictInt, Field(ge=1, le=10_000)] | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.model_fields_set if name in limits.LIMIT_FIELDS}
+
+
+class CreateKey(KeyLimits):
     name: Name | None = None
 
 
@@ -79,6 +92,7 @@ def render_key(row: dict[str, Any]) -> dict[str, Any]:
         "prefix": row["prefix"],
         "created_at": row["created_at"],
         "revoked_at": row["revoked_at"],
+        **{name: row.get(name) for name in limits.LIMIT_FIELDS},
     }
 
 
@@ -114,10 +128,19 @@ async def get_account(request: web.Request) -> web.Response:
 @routes.post("/accounts/{account_id}/keys")
 async def create_key(request: web.Request) -> web.Response:
     body = await read_model(request, CreateKey) if request.can_read_body else CreateKey()
-    row, secret = await keys.create_key(
-        request.config_dict[POOL], account_id=request.match_info["account_id"], name=body.name
-    )
+    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
+        row, secret = await keys.create_key(conn, account_id=request.match_info["account_id"], name=body.name)
+        if body.changes():
+            row = await limits.set_key_limits(conn, row["id"], body.changes())
     return json_response({**render_key(row), "key": secret}, status=201)
+
+
+@routes.patch("/keys/{key_id}")
+async def update_key_limits(request: web.Request) -> web.Response:
+    body = await read_model(request, KeyLimits)
+    row = await limits.set_key_limits(request.config_dict[POOL], request.match_info["key_id"], body.changes())
+    request.config_dict[KEY_STORE].forget()
+    return json_response(render_key(row))
 
 
 @routes.get("/accounts/{account_id}/keys")
@@ -193,4 +216,5 @@ async def account_ledger(request: web.Request) -> web.Response:
 def admin_app() -> web.Application:
     app = web.Application(middlewares=[admin_middleware])
     app.add_routes(routes)
+    app.add_routes(finance_routes)
     return app

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from billing import db
 from billing.keys import KeyStore
-from gateway import admin, consumer
+from gateway import admin, chat, consumer, images, media_poller, models_api, settlement, usage, videos
 from gateway.errors import error_middleware
-from gateway.keys import HTTP, KEY_STORE, POOL, SETTINGS
+from gateway.keys import CATALOG, HTTP, KEY_STORE, POOL, SETTINGS
 from gateway.render import json_response
 from gateway.settings import Settings
 from gateway.tasks import background_ctx
@@ -56,7 +56,9 @@ async def readyz(request: web.Request) -> web.Response:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ready" if ready else "unavailable", "checks": checks},
+    # The catalog is reported, not required: with a stale or local-only catalog the gateway still serves.
+    return json_response({"status": "ready" if ready else "unavailable", "checks": checks,
+                          "catalog": request.app[CATALOG].status()},
                          status=200 if ready else 503)
 
 
@@ -66,8 +68,15 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(background_ctx)
+    app.cleanup_ctx.append(models_api.catalog_ctx)  # after background_ctx: its refresh task
+    app.cleanup_ctx.append(settlement.settling_ctx)  # closed first: settlements finish while the pool is open
+    app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after background_ctx: its task set
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     consumer.add_routes(app)
+    chat.add_routes(app)
+    usage.add_routes(app)
+    images.add_routes(app)
+    videos.add_routes(app)
     app.add_subapp("/admin", admin.admin_app())
     return app

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import hmac
+import math
 
 from aiohttp import web
 
+from billing import limits
 from billing.keys import ApiKey
-from gateway.errors import Handler, unauthenticated
-from gateway.keys import API_KEY, KEY_STORE, SETTINGS
+from gateway.errors import ApiError, Handler, unauthenticated
+from gateway.keys import API_KEY, KEY_STORE, POOL, SETTINGS
 
 
 def bearer(request: web.Request) -> str | None:
@@ -27,8 +29,39 @@ async def authenticate(request: web.Request) -> ApiKey:
     key = await request.app[KEY_STORE].authenticate(token)
     if key is None:
         raise unauthenticated("Invalid API key: it is malformed, unknown or revoked")
+    if key.rpm_limit is not None or key.rpd_limit is not None:
+        decision = await limits.count_request(
+            request.app[POOL], key.id, rpm_limit=key.rpm_limit, rpd_limit=key.rpd_limit
+        )
+        if not decision.allowed:
+            raise rate_limited(key, decision)
     request[API_KEY] = key
     return key
+
+
+def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
+    """429 with lumyx's X-RateLimit-*-Minute/-Day headers; Retry-After is when the refusing window resets."""
+    headers: dict[str, str] = {}
+    waits: list[float] = []
+    for suffix, limit, count, reset in (
+        ("Minute", key.rpm_limit, decision.minute_count, decision.minute_reset),
+        ("Day", key.rpd_limit, decision.day_count, decision.day_reset),
+    ):
+        if limit is None:
+            continue
+        used = count or 0
+        headers[f"X-RateLimit-Limit-{suffix}"] = str(limit)
+        headers[f"X-RateLimit-Remaining-{suffix}"] = str(max(limit - used, 0))
+        headers[f"X-RateLimit-Reset-{suffix}"] = str(int(reset.timestamp()))
+        if used >= limit:
+            waits.append((reset - decision.at).total_seconds())
+    retry_after = max(1, math.ceil(max(waits, default=1.0)))
+    headers["Retry-After"] = str(retry_after)
+    return ApiError(
+        429, "RATE_LIMITED",
+        f"Rate limit reached for this API key; retry after {retry_after} seconds",
+        type="rate_limit_error", headers=headers,
+    )
 
 
 def requires_key(handler: Handler) -> Handler:

@@ -1,4 +1,4 @@
-"""The `meterline` command: serve, migrate, verify, and admin mirrors (accounts, keys, topup)."""
+"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup), export, statement."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 import asyncpg
 
-from billing import accounts, db, keys, ledger
+from billing import accounts, db, exports, keys, ledger, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
@@ -46,6 +47,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     if settings.database_url is None:
         settings = settings.model_copy(update={"database_url": _database_url(settings)})
+    if args.workers > 1:
+        from gateway import workers
+
+        return workers.serve(settings.database_url, host=host, port=port, workers=args.workers)
     web.run_app(create_app(settings), host=host, port=port, print=lambda msg: print(msg, flush=True))
     return 0
 
@@ -106,6 +111,49 @@ def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc(text: str) -> datetime:
+    """An ISO-8601 timestamp argument; one without a zone is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 timestamp: {text!r}") from None
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """Stream an export to a file batch by batch; a row counter on stderr only when stderr is a terminal."""
+    exports.check(args.kind, args.format, args.start, args.end)
+    progress = sys.stderr.isatty()
+
+    async def work(conn: asyncpg.Connection, out: TextIO) -> int:
+        rows = 0
+        async for text, count in exports.export_chunks(
+            conn, args.kind, fmt=args.format, start=args.start, end=args.end, account_id=args.account
+        ):
+            out.write(text)
+            rows += count
+            if progress:
+                print(f"\r{args.kind}: {rows:,} rows", end="", file=sys.stderr, flush=True)
+        return rows
+
+    with open(args.output, "w", encoding="utf-8", newline="") as out:
+        rows = asyncio.run(_with_db(settings, lambda conn: work(conn, out)))
+    if progress:
+        print(file=sys.stderr)
+    _print({"object": "export", "kind": args.kind, "format": args.format, "rows": rows, "file": args.output})
+    return 0
+
+
+def cmd_statement(settings: Settings, args: argparse.Namespace) -> int:
+    stmt = asyncio.run(_with_db(settings, lambda conn: statements.statement(
+        conn, account_id=args.account, start=args.start, end=args.end)))
+    if args.format == "csv":
+        sys.stdout.write(statements.statement_csv(stmt))
+    else:
+        _print(statements.render_usd(stmt))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes sharing the port (SO_REUSEPORT); default 1")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="apply schema.sql (harmless to repeat)").set_defaults(func=cmd_migrate)
@@ -135,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--idempotency-key", required=True)
     top.add_argument("--description", default=None)
     top.set_defaults(func=cmd_topup)
+
+    exp = sub.add_parser("export", help="export the ledger or request records (streamed, constant memory)")
+    exp.add_argument("kind", choices=exports.KINDS)
+    exp.add_argument("--from", dest="start", type=_utc, required=True, help="ISO-8601, inclusive")
+    exp.add_argument("--to", dest="end", type=_utc, required=True, help="ISO-8601, exclusive")
+    exp.add_argument("--format", choices=exports.FORMATS, default="csv")
+    exp.add_argument("--account", default=None)
+    exp.add_argument("-o", "--output", required=True, help="file to write")
+    exp.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("statement", help="an account statement for [from, to)")
+    st.add_argument("--account", required=True)
+    st.add_argument("--from", dest="start", type=_utc, required=True)
+    st.add_argument("--to", dest="end", type=_utc, required=True)
+    st.add_argument("--format", choices=("json", "csv"), default="json")
+    st.set_defaults(func=cmd_statement)
     return parser
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from billing import errors as billing_errors
-from gateway.render import json_response
+from gateway.render import iso, json_response
 
 log = logging.getLogger("meterline.errors")
 
@@ -79,6 +79,13 @@ def from_billing(exc: billing_errors.BillingError) -> ApiError:
         return ApiError(
             402, "INSUFFICIENT_BALANCE", str(exc), type="billing_error",
             extra={"required_micros": exc.required_micros, "available_micros": exc.available_micros},
+        )
+    if isinstance(exc, billing_errors.KeyLimitExceeded):
+        return ApiError(
+            402, "KEY_LIMIT_EXCEEDED", str(exc), type="billing_error",
+            extra={"limit_micros": exc.limit_micros, "limit_remaining_micros": max(exc.remaining_micros, 0),
+                   "limit_reset": exc.limit_reset,
+                   "resets_at": iso(exc.resets_at) if exc.resets_at is not None else None},
         )
     if isinstance(exc, billing_errors.AccountNotFound | billing_errors.KeyNotFound | billing_errors.UnknownHold):
         return not_found(str(exc))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import asyncpg
 from aiohttp import web
 
+from billing.catalog import Catalog
 from billing.keys import ApiKey, KeyStore
 from gateway.settings import Settings
 
@@ -17,5 +19,9 @@ KEY_STORE = web.AppKey("key_store", KeyStore)
 TASKS: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("tasks")
 # The one client session (and connection pool) for every upstream call.
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+# The priced model catalog (local entries + the text upstream's, refreshed in the background).
+CATALOG = web.AppKey("catalog", Catalog)
+# Settlement tasks: awaited (not cancelled) at shutdown, so a charge in flight is always written.
+SETTLING = web.AppKey("settling", set[asyncio.Task[Any]])
 
 API_KEY = web.RequestKey("api_key", ApiKey)

@@ -7,10 +7,11 @@ at start with a message naming it (see `describe_errors`).
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -60,6 +61,28 @@ class Settings(BaseSettings):
     hold_ttl_seconds: float = Field(default=900.0, gt=0)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="Locally priced models")
+    # Chat completions and the model catalog (issue 3).
+    text_upstream: str = Field(default="openrouter", description="Upstream for chat and its GET /models")
+    catalog_refresh_seconds: float = Field(default=300.0, gt=0)
+    remote_catalog: bool = Field(default=True, description="Load the text upstream's GET /models")
+    markup: Decimal = Field(default=Decimal(0), ge=0, description="Added to remote prices: 0.05 = +5%")
+    prompt_safety_factor: Decimal = Field(default=Decimal("1.1"), ge=1, le=10)
+    min_output_tokens: int = Field(default=16, ge=1)
+    drain_seconds: float = Field(default=30.0, ge=0)
+    # Images and videos (issue 4).
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="Largest images/edits body")
+    video_max_job_seconds: float = Field(default=3600.0, gt=0, description="A job running longer is voided")
+    video_poll_seconds: float = Field(default=5.0, gt=0, description="How often unfinished jobs are polled")
+
+    @model_validator(mode="after")
+    def _holds_outlast_calls(self) -> Settings:
+        # A hold that expired while its call was still running would let the balance be spent twice.
+        text = self.upstreams.get(self.text_upstream)
+        longest = (text.timeout_seconds if text else 0) + self.drain_seconds
+        if self.hold_ttl_seconds <= longest:
+            raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the text upstream's "
+                             f"timeout_seconds plus drain_seconds ({longest:g})")
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -27,6 +27,8 @@ from gateway.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
+# Fixtures of the chat tests (a fake OpenRouter and a gateway pointed at it), importable by name in any test.
+pytest_plugins = ["tests.chat_support"]
 
 
 def _docker_answers() -> bool:
@@ -125,6 +127,7 @@ def settings(database_url: str) -> Settings:
         admin_token=ADMIN_TOKEN,
         sweep_interval_seconds=0.2,
         pool_min_size=1,
+        remote_catalog=False,  # no test reaches the real OpenRouter; chat tests point it at a fake
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from billing import accounts, keys, ledger
 from billing.ledger import Executor
@@ -29,3 +30,25 @@ async def make_customer(conn: Executor, *, balance_micros: int = 0) -> tuple[str
 
 def request_id() -> str:
     return f"req_{secrets.token_hex(8)}"
+
+
+async def billed_request(
+    conn: Executor,
+    account_id: str,
+    *,
+    key_id: str | None = None,
+    hold_micros: int = 1_000,
+    cost_micros: int | None = 500,
+    record: dict[str, Any] | None = None,
+) -> str:
+    """A request held and then settled for `cost_micros` (None: voided), with a request record, exactly as the
+    routes do it; returns its request id."""
+    rid = request_id()
+    await ledger.reserve(conn, request_id=rid, account_id=account_id, amount_micros=hold_micros,
+                         ttl_seconds=60, key_id=key_id)
+    fields = {"model": "test-model", "modality": "text", "endpoint": "/v1/chat/completions", **(record or {})}
+    if cost_micros is None:
+        await ledger.void(conn, request_id=rid, reason="test void", record={"status": "cancelled", **fields})
+    else:
+        await ledger.settle(conn, request_id=rid, actual_micros=cost_micros, record=fields)
+    return rid

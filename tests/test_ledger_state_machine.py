@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from billing import db, ledger

@@ -1,0 +1,66 @@
+"""Idempotency-Key for media requests (images, videos), in the `idempotency_keys` table under its own scope.
+
+A key is claimed by inserting it before any hold or upstream call; a duplicate request then waits for the
+claim's commit and either replays the stored result, is told the first is still running (409), or, when its
+body differs, is refused (422). A claim whose request failed is released, so that the client may retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from billing.errors import DuplicateRequest, IdempotencyConflict
+from billing.ledger import Executor
+
+
+def scope(kind: str, account_id: str) -> str:
+    """Keys are per account and per kind of request: another customer's key never collides with yours."""
+    return f"{kind}:{account_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    status_code: int
+    response: dict[str, Any]
+
+
+async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
+                response: dict[str, Any] | None = None, status_code: int | None = None) -> Stored | None:
+    """Claim `key` for a request with this fingerprint: None when claimed now, the stored result on a replay.
+
+    `response` may be stored with the claim when the result is known up front (a video job's id)."""
+    claimed = await conn.fetchval(
+        "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
+        scope, key, fingerprint, status_code, response,
+    )
+    if claimed:
+        return None
+    stored = await conn.fetchrow(
+        "SELECT request_hash, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        scope, key,
+    )
+    if stored is None:  # released between our insert and read: the first request failed
+        raise DuplicateRequest("A request with this Idempotency-Key just failed; retry it")
+    if bytes(stored["request_hash"]) != fingerprint:
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used with a different request; use a new key"
+        )
+    if stored["response"] is None:
+        raise DuplicateRequest("A request with this Idempotency-Key is still in progress; retry later")
+    return Stored(stored["status_code"], stored["response"])
+
+
+async def store(conn: Executor, *, scope: str, key: str, status_code: int, response: dict[str, Any]) -> None:
+    await conn.execute(
+        "UPDATE idempotency_keys SET status_code = $3, response = $4 WHERE scope = $1 AND key = $2",
+        scope, key, status_code, response,
+    )
+
+
+async def release(conn: Executor, *, scope: str, key: str) -> None:
+    """Forget a claim whose request failed (only one without a stored result)."""
+    await conn.execute(
+        "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND response IS NULL", scope, key
+    )

@@ -1,0 +1,214 @@
+"""Video jobs in PostgreSQL: creating a job with its hold, leasing unfinished jobs to a poller, recording
+progress, and finishing a job together with its settlement or void.
+
+A job is created in the same transaction as its hold (and its Idempotency-Key, when one is given), leased to
+the creating process while the upstream call is made. Pollers lease due jobs with FOR UPDATE SKIP LOCKED, so
+a job is polled by one process at a time; a lease left by a crashed process expires and another process takes
+the job up. `complete` and `fail` move a job out of its unfinished states once, in the same transaction as the
+ledger's settle or void (which are exactly-once on their own as well).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from billing import ledger, media_idempotency
+from billing.accounts import new_id
+from billing.ledger import Executor
+
+UNFINISHED = ("queued", "in_progress")
+
+
+@dataclass(frozen=True, slots=True)
+class NewVideo:
+    account_id: str
+    key_id: str | None
+    model: str
+    upstream: str
+    endpoint: str
+    prompt: str | None
+    size: str
+    seconds: int
+    price_micros: int
+
+
+def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    return dict(record) if record is not None else None
+
+
+async def create(
+    conn: asyncpg.Connection,
+    job: NewVideo,
+    *,
+    video_id: str,
+    hold_ttl_seconds: float,
+    max_job_seconds: float,
+    lease_owner: str,
+    lease_seconds: float,
+) -> dict[str, Any]:
+    """Hold the job's price and store the job, leased to `lease_owner`, in the caller's transaction.
+
+    Raises InsufficientBalance (nothing is stored) like ledger.reserve."""
+    request_id = new_id("req")
+    await ledger.reserve(conn, request_id=request_id, account_id=job.account_id,
+                         amount_micros=job.price_micros, ttl_seconds=hold_ttl_seconds, key_id=job.key_id)
+    row = await conn.fetchrow(
+        """INSERT INTO videos (id, account_id, key_id, request_id, model, upstream, endpoint, prompt, size,
+                               seconds, price_micros, deadline_at, lease_owner, lease_until)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                   now() + make_interval(secs => $12), $13, now() + make_interval(secs => $14))
+           RETURNING *""",
+        video_id, job.account_id, job.key_id, request_id, job.model, job.upstream, job.endpoint, job.prompt,
+        job.size, job.seconds, job.price_micros, max_job_seconds, lease_owner, lease_seconds,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def create_once(
+    pool: asyncpg.Pool,
+    job: NewVideo,
+    *,
+    idempotency: tuple[str, str, bytes] | None,
+    hold_ttl_seconds: float,
+    max_job_seconds: float,
+    lease_owner: str,
+    lease_seconds: float,
+) -> tuple[dict[str, Any], bool]:
+    """`create` under an optional Idempotency-Key (scope, key, fingerprint): returns (job, replayed).
+
+    The key is stored with the new job's id in the job's own transaction, so a duplicate waits for that commit
+    and then gets the same job: one job, one hold."""
+    async with pool.acquire() as conn, conn.transaction():
+        if idempotency is not None:
+            scope, key, fingerprint = idempotency
+            video_id = new_id("video")
+            stored = await media_idempotency.claim(conn, scope=scope, key=key, fingerprint=fingerprint,
+                                                   response={"video_id": video_id}, status_code=202)
+            if stored is not None:
+                existing = await get(conn, str(stored.response["video_id"]), account_id=job.account_id)
+                assert existing is not None
+                return existing, True
+        else:
+            video_id = new_id("video")
+        row = await create(conn, job, video_id=video_id, hold_ttl_seconds=hold_ttl_seconds,
+                           max_job_seconds=max_job_seconds, lease_owner=lease_owner,
+                           lease_seconds=lease_seconds)
+        return row, False
+
+
+async def get(conn: Executor, video_id: str, *, account_id: str) -> dict[str, Any] | None:
+    """The job, if it belongs to the account (another account's job is indistinguishable from none)."""
+    return _row(await conn.fetchrow("SELECT * FROM videos WHERE id = $1 AND account_id = $2",
+                                    video_id, account_id))
+
+
+async def started(conn: Executor, video_id: str, *, upstream_id: str, status: str, progress: int,
+                  output: Any, owner: str, poll_seconds: float) -> dict[str, Any] | None:
+    """The upstream accepted the job: remember its id and release the creator's lease."""
+    return _row(await conn.fetchrow(
+        """UPDATE videos SET upstream_id = $2, status = $3, progress = $4, output = $5,
+                  next_poll_at = now() + make_interval(secs => $7), lease_owner = NULL, lease_until = NULL
+            WHERE id = $1 AND status IN ('queued', 'in_progress') AND lease_owner = $6
+           RETURNING *""",
+        video_id, upstream_id, status, progress, output, owner, poll_seconds,
+    ))
+
+
+async def claim_due(conn: Executor, *, owner: str, lease_seconds: float, limit: int) -> list[dict[str, Any]]:
+    """Lease up to `limit` unfinished jobs that are due for a poll and not leased by a live process."""
+    rows = await conn.fetch(
+        """UPDATE videos v SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+            WHERE v.id IN (SELECT id FROM videos
+                            WHERE status IN ('queued', 'in_progress') AND next_poll_at <= now()
+                              AND (lease_until IS NULL OR lease_until < now())
+                            ORDER BY next_poll_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+           RETURNING v.*, v.deadline_at <= now() AS overdue""",
+        owner, lease_seconds, limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def claim_one(conn: Executor, video_id: str, *, account_id: str, owner: str,
+                    lease_seconds: float) -> dict[str, Any] | None:
+    """Lease one unfinished job now (a client is asking for it), unless another process holds its lease."""
+    return _row(await conn.fetchrow(
+        """UPDATE videos v SET lease_owner = $3, lease_until = now() + make_interval(secs => $4)
+            WHERE v.id = (SELECT id FROM videos
+                           WHERE id = $1 AND account_id = $2 AND status IN ('queued', 'in_progress')
+                             AND (lease_until IS NULL OR lease_until < now())
+                           FOR UPDATE SKIP LOCKED)
+           RETURNING v.*, v.deadline_at <= now() AS overdue""",
+        video_id, account_id, owner, lease_seconds,
+    ))
+
+
+async def progressed(conn: Executor, video_id: str, *, status: str, progress: int, output: Any, owner: str,
+                     poll_seconds: float) -> dict[str, Any] | None:
+    """Record an unfinished status and release the lease until the next poll is due."""
+    return _row(await conn.fetchrow(
+        """UPDATE videos SET status = $2, progress = $3, output = COALESCE($4, output),
+                  next_poll_at = now() + make_interval(secs => $6), lease_owner = NULL, lease_until = NULL
+            WHERE id = $1 AND status IN ('queued', 'in_progress') AND lease_owner = $5
+           RETURNING *""",
+        video_id, status, progress, output, owner, poll_seconds,
+    ))
+
+
+async def release(conn: Executor, video_id: str, *, owner: str, retry_seconds: float) -> None:
+    """Give a lease back without news (the poll failed): the job is retried after `retry_seconds`."""
+    await conn.execute(
+        """UPDATE videos SET lease_owner = NULL, lease_until = NULL,
+                  next_poll_at = now() + make_interval(secs => $3)
+            WHERE id = $1 AND lease_owner = $2""",
+        video_id, owner, retry_seconds,
+    )
+
+
+async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """Mark the job completed and charge its price, once. A job already finished is returned as it is."""
+    async with pool.acquire() as conn, conn.transaction():
+        job = await conn.fetchrow("SELECT * FROM videos WHERE id = $1 FOR UPDATE", video_id)
+        assert job is not None
+        if job["status"] not in UNFINISHED:
+            return dict(job)
+        resolution = await ledger.settle(conn, request_id=job["request_id"],
+                                         actual_micros=job["price_micros"], record=record)
+        row = await conn.fetchrow(
+            """UPDATE videos SET status = 'completed', progress = 100, cost_micros = $2, completed_at = now(),
+                      output = COALESCE($3, output), lease_owner = NULL, lease_until = NULL
+                WHERE id = $1 RETURNING *""",
+            video_id, resolution.actual_micros, output,
+        )
+        assert row is not None
+        return dict(row)
+
+
+async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[str, Any],
+               record: dict[str, Any], idempotency_scope: str | None = None) -> dict[str, Any]:
+    """Mark the job failed and release its hold without charge, once. With `idempotency_scope`, the
+    Idempotency-Key that created the job is freed as well, so that a retry can create a new job."""
+    async with pool.acquire() as conn, conn.transaction():
+        job = await conn.fetchrow("SELECT * FROM videos WHERE id = $1 FOR UPDATE", video_id)
+        assert job is not None
+        if job["status"] not in UNFINISHED:
+            return dict(job)
+        await ledger.void(conn, request_id=job["request_id"], reason=reason, record=record)
+        row = await conn.fetchrow(
+            """UPDATE videos SET status = 'failed', error = $2, completed_at = now(),
+                      lease_owner = NULL, lease_until = NULL
+                WHERE id = $1 RETURNING *""",
+            video_id, error,
+        )
+        if idempotency_scope is not None:
+            await conn.execute(
+                "DELETE FROM idempotency_keys WHERE scope = $1 AND response->>'video_id' = $2",
+                idempotency_scope, video_id,
+            )
+        assert row is not None
+        return dict(row)
+

@@ -1,0 +1,63 @@
+"""What a chat call used and what it cost, in the three shapes the edge needs: the usage the client sees
+(with our charge), the fields of the request record, and the generated text used to estimate missing usage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from billing import pricing
+from gateway.render import usd_number
+
+# The upstream's cost breakdown describes what Meterline pays, not what the customer is charged.
+_HIDDEN_USAGE_FIELDS = frozenset({"cost_details", "is_byok"})
+
+
+def priced_usage(raw: dict[str, Any], cost_micros: int) -> dict[str, Any]:
+    """The usage the client sees: the upstream's, with our charge as `cost` (USD, OpenRouter's field) and
+    `cost_micros` (the exact integer)."""
+    shown = {k: v for k, v in raw.items() if k not in _HIDDEN_USAGE_FIELDS}
+    shown["cost"] = usd_number(cost_micros)
+    shown["cost_micros"] = cost_micros
+    return shown
+
+
+def estimated_usage(usage: pricing.Usage) -> dict[str, Any]:
+    """A usage object for a call whose upstream reported none, flagged as estimated."""
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens, "estimated": True}
+
+
+def usage_record(usage: pricing.Usage, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Request-record fields for a settled call; `raw` is the upstream's usage (None when estimated)."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "upstream_cost_micros": pricing.usd_to_micros_rounded(raw.get("cost")) if raw else None,
+        "usage": raw,
+    }
+
+
+def text_fields(message: Any) -> list[str]:
+    """Generated text in a message or a stream delta: content, reasoning, tool-call names and arguments."""
+    if not isinstance(message, dict):
+        return []
+    texts = [v for k in ("content", "reasoning", "reasoning_content") if isinstance(v := message.get(k), str)]
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts.extend(v for k in ("name", "arguments") if isinstance(v := function.get(k), str))
+    return texts
+
+
+def choice_texts(choices: Any, field: str) -> list[str]:
+    """Generated text of every choice (`field` is "message" in an answer, "delta" in a stream chunk)."""
+    texts: list[str] = []
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                texts.extend(text_fields(choice.get(field)))
+    return texts

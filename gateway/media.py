@@ -1,0 +1,92 @@
+"""What the image and video routes share at the HTTP edge: the `dryRun` and `Idempotency-Key` inputs,
+resolving a media model to its catalog entry and upstream, and rendering an estimate."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from billing import ledger
+from billing.catalog_config import ImageModelConfig, VideoModelConfig
+from billing.media_pricing import MediaPriceError
+from billing.pricing import Estimate
+from gateway.errors import ApiError, invalid
+from gateway.keys import API_KEY, POOL, SETTINGS
+from gateway.render import json_response
+from gateway.upstream import Upstream, upstream_named
+
+E = TypeVar("E", ImageModelConfig, VideoModelConfig)
+
+DEFAULT_UPSTREAM = "media"
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+def dry_run(request: web.Request) -> bool:
+    """`?dryRun=true` asks for an estimate only; anything but true/false is refused rather than guessed."""
+    raw = request.query.get("dryRun")
+    if raw is None or raw.lower() == "false":
+        return False
+    if raw.lower() == "true":
+        return True
+    raise invalid(f"dryRun must be true or false, got {raw!r}", "dryRun")
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+        raise invalid(f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key")
+    return key
+
+
+def media_entry(request: web.Request, model: object, kind: type[E]) -> tuple[str, E]:
+    """The catalog entry of a media model: 404 for an unknown model, 400 for a model of another modality."""
+    if not isinstance(model, str) or not model:
+        raise invalid("model: is required (a model id string)", "model")
+    entry = request.app[SETTINGS].models.get(model)
+    if entry is None:
+        raise ApiError(404, "MODEL_NOT_FOUND", f"The model {model!r} does not exist or is not priced",
+                       param="model")
+    if not isinstance(entry, kind):
+        article = "an image" if kind is ImageModelConfig else "a video"
+        raise invalid(f"The model {model!r} is not {article} model", "model")
+    return model, entry
+
+
+def media_upstream(request: web.Request, entry: ImageModelConfig | VideoModelConfig) -> Upstream:
+    return upstream_named(request.app, entry.upstream or DEFAULT_UPSTREAM)
+
+
+def price_error(exc: MediaPriceError) -> ApiError:
+    return invalid(str(exc), exc.param)
+
+
+def optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{name}: must be a string", name)
+    return value
+
+
+def required_prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "":
+        raise invalid("prompt: is required", "prompt")
+    if not isinstance(prompt, str):
+        raise invalid("prompt: must be a string", "prompt")
+    if "\x00" in prompt:  # PostgreSQL text cannot hold it, and no model needs it
+        raise invalid("prompt: must not contain NUL characters", "prompt")
+    return prompt
+
+
+async def estimate_response(request: web.Request, estimate: Estimate, *, model: str,
+                            upstream: Upstream) -> web.Response:
+    """The dryRun answer (the chat issue's estimate shape); its total is exactly the real call's hold."""
+    available = await ledger.available_micros(request.app[POOL], request[API_KEY].account_id)
+    return json_response(estimate.as_dict(model=model, provider=upstream.name, available_micros=available))
+

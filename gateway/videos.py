@@ -1,0 +1,224 @@
+"""POST videos (JSON, or multipart with `input_reference`) → 202 with a video object; GET videos/{id}; GET
+videos/{id}/content streamed from the upstream.
+
+Creation holds seconds times the per-second price together with storing the job (and its Idempotency-Key),
+then asks the upstream to start it. The hold lives longer than the maximum job time; the job settles when the
+upstream reports it completed and is voided when it fails or runs too long (see gateway.media_poller).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from billing import ledger, videos
+from billing import media_idempotency as idem
+from billing.catalog_config import VideoModelConfig
+from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
+from gateway import media, settlement
+from gateway.auth import requires_key
+from gateway.bodies import read_json_object
+from gateway.consumer import CONSUMER_PREFIXES
+from gateway.errors import ApiError, not_found
+from gateway.keys import API_KEY, POOL, SETTINGS
+from gateway.media_poller import LEASE_SECONDS, POLLER_ID, fail, progress_of, refresh
+from gateway.multipart import Form, multipart_body, read_form
+from gateway.render import json_response, usd_number
+from gateway.upstream import Upstream, UpstreamError, upstream_named
+from gateway.upstream import request as upstream_request
+
+log = logging.getLogger("meterline.videos")
+
+_CONTENT_CHUNK = 64 * 1024
+_VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_CREATION_MARGIN_SECONDS = 30.0
+
+
+def _epoch(value: Any) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def render(request: web.Request, job: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI video object, with Lumenfall's metadata: the hold while running, the charge once done."""
+    metadata: dict[str, Any] = {"request_id": job["request_id"], "provider": job["upstream"],
+                                "upstream_id": job["upstream_id"]}
+    if job["status"] in videos.UNFINISHED:
+        metadata.update(cost_estimate_micros=job["price_micros"], cost_estimate=usd_number(job["price_micros"]))
+    else:
+        cost = job["cost_micros"] or 0
+        metadata.update(cost_micros=cost, cost=usd_number(cost))
+    video: dict[str, Any] = {
+        "id": job["id"], "object": "video", "model": job["model"], "status": job["status"],
+        "progress": job["progress"], "created_at": _epoch(job["created_at"]),
+        "completed_at": _epoch(job["completed_at"]), "expires_at": None, "prompt": job["prompt"],
+        "seconds": str(job["seconds"]), "size": job["size"], "error": job["error"], "metadata": metadata,
+    }
+    if job["status"] == "completed":
+        video["output"] = {"url": str(request.url.with_path(f"{_prefix(request)}/videos/{job['id']}/content")
+                                      .with_query(None)), "content_type": "video/mp4"}
+    return video
+
+
+def _prefix(request: web.Request) -> str:
+    return request.path.split("/videos", 1)[0]
+
+
+async def _read_body(request: web.Request) -> tuple[dict[str, Any], Form | None, bytes]:
+    """The creation fields, the uploaded form (when multipart) and a fingerprint of the whole request."""
+    if request.content_type.startswith("multipart/"):
+        form = await read_form(request, max_bytes=request.app[SETTINGS].max_upload_bytes)
+        return form.as_dict(), form, ledger.request_fingerprint("videos", form.digest.hex())
+    body = await read_json_object(request)
+    return body, None, ledger.request_fingerprint("videos", body)
+
+
+def _quote(entry: VideoModelConfig, model: str, body: dict[str, Any]) -> VideoQuote:
+    try:
+        return video_quote(entry, model=model, size=media.optional_str(body, "size"), seconds=body.get("seconds"))
+    except MediaPriceError as exc:
+        raise media.price_error(exc) from None
+
+
+@requires_key
+async def create(request: web.Request) -> web.Response:
+    dry = media.dry_run(request)
+    body, form, fingerprint = await _read_body(request)
+    try:
+        model, entry = media.media_entry(request, body.get("model"), VideoModelConfig)
+        prompt = media.required_prompt(body)
+        quote = _quote(entry, model, body)
+        upstream = media.media_upstream(request, entry)
+        if dry:
+            return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
+        return await _create(request, body=body, form=form, fingerprint=fingerprint, model=model, prompt=prompt,
+                             quote=quote, upstream=upstream)
+    finally:
+        if form is not None:
+            form.close()
+
+
+async def _create(request: web.Request, *, body: dict[str, Any], form: Form | None, fingerprint: bytes,
+                  model: str, prompt: str, quote: VideoQuote, upstream: Upstream) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    key = request[API_KEY]
+    idem_key = media.idempotency_key(request)
+    job, replayed = await videos.create_once(
+        app[POOL],
+        videos.NewVideo(account_id=key.account_id, key_id=key.id, model=model, upstream=upstream.name,
+                        endpoint=request.path, prompt=prompt, size=quote.size, seconds=quote.seconds,
+                        price_micros=quote.hold_micros),
+        idempotency=(idem.scope("videos", key.account_id), idem_key, fingerprint) if idem_key else None,
+        # The hold outlives the longest job plus the time to notice it finished, so it never expires first.
+        hold_ttl_seconds=settings.video_max_job_seconds + settings.hold_ttl_seconds,
+        max_job_seconds=settings.video_max_job_seconds,
+        lease_owner=app[POLLER_ID],
+        lease_seconds=upstream.settings.timeout_seconds + _CREATION_MARGIN_SECONDS,
+    )
+    headers = {"X-Request-Id": job["request_id"]}
+    if replayed:
+        return json_response(render(request, job), status=202, headers={**headers, "Idempotent-Replayed": "true"})
+    started: dict[str, Any] | None = None
+    failure: UpstreamError | None = None
+    try:
+        answer = await _send(request, upstream, body, form, quote)
+        upstream_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(upstream_id, str) or not upstream_id:
+            raise UpstreamError(502, "UPSTREAM_ERROR", "The upstream accepted the video without an id",
+                                upstream_status=200)
+        status = answer.get("status")
+        started = await videos.started(
+            app[POOL], job["id"], upstream_id=upstream_id,
+            status=status if status in videos.UNFINISHED else "queued", progress=progress_of(answer, 0),
+            output=answer, owner=app[POLLER_ID], poll_seconds=settings.video_poll_seconds,
+        ) or await videos.get(app[POOL], job["id"], account_id=key.account_id)
+    except UpstreamError as exc:
+        failure = exc
+        raise
+    finally:
+        if started is None:
+            # No upstream job to follow (it failed, or we were cancelled before learning its id): release the
+            # hold now. A job the upstream did start without our hearing of it is not billed.
+            message = failure.message if failure is not None else "the request was cancelled"
+            code = failure.code if failure is not None else "cancelled"
+            await settlement.shielded(app, _fail(app, job, message, code), f"void video {job['id']}")
+    return json_response(render(request, started or job), status=202, headers=headers)
+
+
+async def _fail(app: web.Application, job: dict[str, Any], message: str, code: str) -> None:
+    await fail(app, job, message, {"code": code, "message": message})
+
+
+async def _send(request: web.Request, upstream: Upstream, body: dict[str, Any], form: Form | None,
+                quote: VideoQuote) -> Any:
+    """Start the job upstream: what was priced (size, seconds) is sent explicitly, the rest passes through."""
+    priced = {"size": quote.size, "seconds": str(quote.seconds)}
+    if form is None:
+        outgoing = {**body, **priced}
+        async with upstream_request(request.app, upstream, "POST", "videos", json_body=outgoing) as resp:
+            return await resp.json()
+    fields = [(name, value) for name, value in form.fields if name not in priced] + list(priced.items())
+    data = multipart_body(fields, form.files)
+    async with upstream_request(request.app, upstream, "POST", "videos", data=data) as resp:
+        return await resp.json()
+
+
+async def _job(request: web.Request) -> dict[str, Any]:
+    video_id = request.match_info["video_id"]
+    job = None
+    if _VIDEO_ID.fullmatch(video_id):  # anything else cannot be one of ours (and may not even be valid text)
+        job = await videos.get(request.app[POOL], video_id, account_id=request[API_KEY].account_id)
+    if job is None:
+        raise not_found(f"No video with id {request.match_info['video_id']!r}")
+    return job
+
+
+@requires_key
+async def retrieve(request: web.Request) -> web.Response:
+    """The job's current state; an unfinished job this process can lease is polled upstream first."""
+    job = await _job(request)
+    if job["status"] in videos.UNFINISHED:
+        leased = await videos.claim_one(request.app[POOL], job["id"], account_id=job["account_id"],
+                                        owner=request.app[POLLER_ID], lease_seconds=LEASE_SECONDS)
+        if leased is not None:
+            job = await refresh(request.app, leased)
+    return json_response(render(request, job))
+
+
+@requires_key
+async def content(request: web.Request) -> web.StreamResponse:
+    """The finished file, relayed chunk by chunk as the upstream sends it (never buffered whole)."""
+    job = await _job(request)
+    if job["status"] != "completed":
+        raise ApiError(409, "VIDEO_NOT_READY", f"The video is {job['status']}; its content exists once completed")
+    upstream = upstream_named(request.app, job["upstream"])
+    params = {"variant": request.query["variant"]} if "variant" in request.query else None
+    async with upstream_request(request.app, upstream, "GET", f"videos/{job['upstream_id']}/content",
+                                params=params, headers={"Accept": "*/*"}) as resp:
+        response = web.StreamResponse(headers={
+            "Content-Type": resp.raw.headers.get("Content-Type", "video/mp4")})
+        if resp.raw.content_length is not None:
+            response.content_length = resp.raw.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in resp.raw.content.iter_chunked(_CONTENT_CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError):
+            # The status line is sent: all we can do is end the body short, which the client sees as a
+            # truncated download (the Content-Length promised more).
+            log.warning("video %s content broke off upstream", job["id"])
+            return response
+        await response.write_eof()
+        return response
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in CONSUMER_PREFIXES:
+        app.router.add_post(f"{prefix}/videos", create)
+        app.router.add_get(f"{prefix}/videos/{{video_id}}", retrieve)
+        app.router.add_get(f"{prefix}/videos/{{video_id}}/content", content)
+

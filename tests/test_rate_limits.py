@@ -1,0 +1,170 @@
+"""Per-key request-rate limits (rpm/rpd): counted atomically in PostgreSQL, so they hold across processes.
+
+The limit clock is pinned through the database URL (`?meterline.now=...` becomes a session setting of every
+connection), which makes window boundaries and Retry-After exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from billing import keys, limits
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import ADMIN_TOKEN, ROOT
+from tests.factories import make_account
+
+NOW = "2026-03-15T12:00:30Z"
+
+
+def _pinned(url: str, at: str = NOW) -> str:
+    return f"{url}{'&' if '?' in url else '?'}meterline.now={at}"
+
+
+def _epoch(text: str) -> str:
+    return str(int(datetime.fromisoformat(text).timestamp()))
+
+
+async def _limited_customer(pool: asyncpg.Pool, **limit: int) -> str:
+    account = await make_account(pool, balance_micros=1_000)
+    row, secret = await keys.create_key(pool, account_id=account, name="rated")
+    await limits.set_key_limits(pool, row["id"], dict(limit))
+    return secret
+
+
+@pytest.fixture
+async def pinned_client(aiohttp_client: object, settings: Settings, database_url: str) -> TestClient:
+    app = create_app(settings.model_copy(update={"database_url": _pinned(database_url)}))
+    return await aiohttp_client(app)  # type: ignore[operator,no-any-return]
+
+
+async def test_the_minute_limit_refuses_with_lumyx_headers(pinned_client: TestClient, pool: asyncpg.Pool) -> None:
+    secret = await _limited_customer(pool, rpm_limit=3)
+    auth = {"Authorization": f"Bearer {secret}"}
+    statuses = [(await pinned_client.get("/v1/balance", headers=auth)).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    resp = await pinned_client.get("/openai/v1/balance", headers=auth)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "RATE_LIMITED"
+    assert {k: v for k, v in resp.headers.items() if k.startswith(("X-RateLimit", "Retry-After"))} == {
+        "X-RateLimit-Limit-Minute": "3",
+        "X-RateLimit-Remaining-Minute": "0",
+        "X-RateLimit-Reset-Minute": _epoch("2026-03-15T12:01:00Z"),
+        "Retry-After": "30",
+    }
+
+
+async def test_the_day_limit_refuses_until_midnight_utc(pinned_client: TestClient, pool: asyncpg.Pool) -> None:
+    secret = await _limited_customer(pool, rpm_limit=10, rpd_limit=2)
+    auth = {"Authorization": f"Bearer {secret}"}
+    assert [(await pinned_client.get("/v1/key", headers=auth)).status for _ in range(2)] == [200, 200]
+    resp = await pinned_client.get("/v1/key", headers=auth)
+    assert resp.status == 429
+    headers = resp.headers
+    assert (headers["X-RateLimit-Limit-Day"], headers["X-RateLimit-Remaining-Day"]) == ("2", "0")
+    assert headers["X-RateLimit-Reset-Day"] == _epoch("2026-03-16T00:00:00Z")
+    assert headers["Retry-After"] == str(11 * 3600 + 59 * 60 + 30)
+    # The request the day refused was not counted against the minute.
+    assert headers["X-RateLimit-Remaining-Minute"] == "8"
+
+
+async def test_a_new_minute_window_starts_from_zero(pool: asyncpg.Pool) -> None:
+    account = await make_account(pool)
+    row, _ = await keys.create_key(pool, account_id=account, name="k")
+    async with pool.acquire() as conn:
+        await conn.execute("SET meterline.now = '2026-03-15T12:00:59Z'")
+        first = [await limits.count_request(conn, row["id"], rpm_limit=1, rpd_limit=None) for _ in range(2)]
+        await conn.execute("SET meterline.now = '2026-03-15T12:01:00Z'")
+        after = await limits.count_request(conn, row["id"], rpm_limit=1, rpd_limit=None)
+    assert [d.allowed for d in first] == [True, False]
+    assert (after.allowed, after.minute_count) == (True, 1)
+    # The finished window's row is gone: counters do not accumulate forever.
+    assert await pool.fetchval("SELECT count(*) FROM rate_windows") == 1
+
+
+async def test_a_key_without_rate_limits_writes_no_counters(client: TestClient, pool: asyncpg.Pool) -> None:
+    account = await make_account(pool)
+    _, secret = await keys.create_key(pool, account_id=account, name="free")
+    for _ in range(5):
+        assert (await client.get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})).status == 200
+    assert await pool.fetchval("SELECT count(*) FROM rate_windows") == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+@asynccontextmanager
+async def _gateway(database_url: str, log: Path) -> AsyncIterator[str]:
+    """A real `meterline serve` process on its own port; terminated (and waited for) on exit."""
+    port = _free_port()
+    # Its own minimal config: this test needs no upstreams or models, only the shared database.
+    config = log.with_suffix(".toml")
+    config.write_text("sweep_interval_seconds = 1\n")
+    env = {**os.environ, "METERLINE_DATABASE_URL": database_url, "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+           "METERLINE_CONFIG": str(config)}
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=err,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    raise AssertionError(f"gateway exited: {_tail(log)}")
+                try:
+                    async with http.get(f"{base}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"gateway did not start: {_tail(log)}")
+        yield base
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
+async def test_the_limit_holds_across_two_gateway_processes(pool: asyncpg.Pool, database_url: str) -> None:
+    secret = await _limited_customer(pool, rpm_limit=4, rpd_limit=1000)
+    url = _pinned(database_url)
+    auth = {"Authorization": f"Bearer {secret}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with (
+            _gateway(url, Path(tmp) / "a.log") as a,
+            _gateway(url, Path(tmp) / "b.log") as b,
+            aiohttp.ClientSession(headers=auth) as http,
+        ):
+
+            async def call(base: str) -> int:
+                async with http.get(f"{base}/v1/balance") as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*[call(a if i % 2 else b) for i in range(12)])
+    assert sorted(statuses) == [200] * 4 + [429] * 8
+    counts = await pool.fetch("SELECT kind, count FROM rate_windows ORDER BY kind")
+    assert [(r["kind"], r["count"]) for r in counts] == [("day", 4), ("minute", 4)]
