@@ -8,6 +8,7 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import asyncpg
 import openai
 import pytest
@@ -27,6 +28,7 @@ from tests.chat_support import (
 )
 from tests.factories import make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
+from tests.serving import running
 
 FUNDS = 10_000_000
 BODY = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100, "stream": True}
@@ -109,21 +111,21 @@ async def _read_events(resp: Any, count: int) -> list[bytes]:
 
 @pytest.mark.parametrize("handler_cancellation", [False, True], ids=["writes-fail", "handler-cancelled"])
 async def test_client_disconnect_mid_stream_is_charged_once_from_the_upstream_usage(
-    aiohttp_client: Any, chat_settings: Settings, pool: asyncpg.Pool, openrouter: FakeUpstream,
-    handler_cancellation: bool
+    chat_settings: Settings, pool: asyncpg.Pool, openrouter: FakeUpstream, handler_cancellation: bool
 ) -> None:
-    """Without handler_cancellation (aiohttp's default) the relay learns of the disconnect from a failed
-    write; with it, the handler is cancelled mid-read. Either way the upstream is drained to its usage."""
-    client = await aiohttp_client(create_app(chat_settings),
-                                  server_kwargs={"handler_cancellation": handler_cancellation})
+    """Without handler_cancellation (aiohttp's default, as under `meterline serve`) the relay learns of the
+    disconnect from a failed write; with it, the handler is cancelled mid-read. Either way the upstream is
+    drained to its usage."""
     openrouter.hold_after, openrouter.prompt_tokens, openrouter.completion_tokens = 2, 40, 5
     account_id, secret = await make_customer(pool, balance_micros=FUNDS)
-    resp = await client.post("/v1/chat/completions", headers=auth(secret), json=BODY)
-    assert len(await _read_events(resp, 2)) == 2
-    resp.close()  # the client goes away after two chunks
-    await asyncio.wait_for(openrouter.held.wait(), 10)
-    openrouter.release.set()  # the upstream carries on and ends with its usage
-    [hold] = await settled(pool, account_id)
+    app = create_app(chat_settings)
+    async with running(app, handler_cancellation=handler_cancellation) as base, aiohttp.ClientSession() as http:
+        resp = await http.post(f"{base}/v1/chat/completions", headers=auth(secret), json=BODY)
+        assert len(await _read_events(resp, 2)) == 2
+        resp.close()  # the client goes away after two chunks
+        await asyncio.wait_for(openrouter.held.wait(), 10)
+        openrouter.release.set()  # the upstream carries on and ends with its usage
+        [hold] = await settled(pool, account_id)
     assert await charges(pool) == [(cost(40, 5), False)]
     assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(40, 5), 0)
     record = await request_record(pool, hold["request_id"])

@@ -5,7 +5,6 @@ on a real socket and a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +12,6 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from billing import accounts
@@ -22,6 +20,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.factories import make_customer
 from tests.fakes.media_upstream import UPSTREAM_KEY, MediaUpstream, media_settings, tiny_png
+from tests.serving import running
 
 MODEL = "gemini-3-pro-image"
 # The shipped price table (config/meterline.toml): the default, a size price and a size+quality price.
@@ -320,21 +319,6 @@ async def test_oversize_chunked_upload_is_counted_as_it_streams(
     assert (resp.status, (await resp.json())["error"]["code"]) == (413, "REQUEST_TOO_LARGE")
     assert fake.calls["edits"] == 0
     assert await pool.fetchval("SELECT count(*) FROM holds") == 0
-
-
-@contextlib.asynccontextmanager
-async def running(app: web.Application, *, handler_cancellation: bool) -> AsyncIterator[str]:
-    """Serve `app` on loopback with the given handler_cancellation (aiohttp's TestServer always turns it on);
-    yields the base URL."""
-    runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(("handler_cancellation", "state", "charged"),

@@ -470,3 +470,13 @@ async def test_a_killed_process_loses_nothing_the_next_one_settles_its_job(
 async def test_odd_video_ids_are_404(api: TestClient, customer: tuple[str, str], video_id: str) -> None:
     resp = await api.get(f"/v1/videos/{video_id}", headers=auth(customer[1]))
     assert (resp.status, (await resp.json())["error"]["code"]) == (404, "NOT_FOUND")
+
+
+async def test_models_list_media_prices_in_integer_micros(api: TestClient, customer: tuple[str, str]) -> None:
+    video = await (await api.get("/v1/models/sora-2", headers=auth(customer[1]))).json()
+    image = await (await api.get("/openai/v1/models/gemini-3-pro-image", headers=auth(customer[1]))).json()
+    assert (video["modality"], video["pricing"]["per_second_micros"]) == ("video", PER_SECOND)
+    assert video["pricing"]["prices"] == {"1024x1792": TALL_PER_SECOND, "1792x1024": TALL_PER_SECOND}
+    assert video["pricing"]["seconds"] == [4, 8, 12]
+    assert (image["modality"], image["pricing"]["per_image_micros"]) == ("image", 134_000)
+    assert image["pricing"]["prices"] == {"2048x2048/hd": 180_000, "4096x4096": 240_000}
