@@ -18,12 +18,14 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import openai
 import pytest
 from aiohttp.test_utils import TestClient
 
 from billing import db
 from gateway.app import create_app
 from gateway.settings import Settings, load_settings
+from tests.factories import make_customer
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -138,3 +140,17 @@ async def client(aiohttp_client: object, settings: Settings, pool: asyncpg.Pool)
 
 def admin_headers(**extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}", **extra}
+
+
+@pytest.fixture
+async def customer(request: pytest.FixtureRequest, pool: asyncpg.Pool) -> tuple[str, str]:
+    """An account funded with the test module's FUNDS and a key for it: (account_id, secret)."""
+    return await make_customer(pool, balance_micros=request.module.FUNDS)
+
+
+@pytest.fixture
+async def sdk(api: TestClient, customer: tuple[str, str]) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official OpenAI SDK pointed at the module's `api` test client, as the customer."""
+    client = openai.AsyncOpenAI(base_url=str(api.make_url("/v1")), api_key=customer[1], max_retries=0)
+    yield client
+    await client.close()

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
 from tests.conftest import ADMIN_TOKEN
+from tests.serving import meterline_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,76 +77,23 @@ async def test_verify_exits_non_zero_naming_the_violation(pool: asyncpg.Pool, da
     assert f"cached-holds: account {account['id']} caches 5 micros held" in broken.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, token: str | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def _serve(data_dir: Path, port: int) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update(METERLINE_DATA_DIR=str(data_dir), METERLINE_ADMIN_TOKEN=ADMIN_TOKEN)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-                return proc
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"meterline serve exited: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("meterline serve did not become ready")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
-
-
 @pytest.mark.timeout(180)
-def test_serve_on_the_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
-    import warnings
-
-    port = _free_port()
-    proc = _serve(tmp_path, port)
-    try:
-        body = json.dumps({"name": "persisted"}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/admin/accounts", data=body, method="POST",
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            created = json.loads(resp.read())
-    finally:
-        _stop(proc)
-    proc = _serve(tmp_path, port)
-    try:
-        status, account = _get(f"http://127.0.0.1:{port}/admin/accounts/{created['id']}", ADMIN_TOKEN)
-        assert (status, account["name"]) == (200, "persisted")
-    finally:
-        _stop(proc)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pgserver
-
-            pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop").cleanup()
+async def test_serve_on_the_embedded_database_keeps_data_across_restarts(tmp_path: Path) -> None:
+    """No database URL: `meterline serve` starts its own PostgreSQL in METERLINE_DATA_DIR, which stops with the
+    last process using it; a second start finds the data again."""
+    env = {"METERLINE_DATA_DIR": str(tmp_path), "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with (
+        meterline_serve(env) as (base, _),
+        aiohttp.ClientSession(headers=admin) as http,
+        http.post(f"{base}/admin/accounts", json={"name": "persisted"}) as resp,
+    ):
+        assert resp.status == 201
+        created = await resp.json()
+    assert not (tmp_path / "pgdata" / "postmaster.pid").exists()  # the embedded server stopped with it
+    async with (
+        meterline_serve(env) as (base, _),
+        aiohttp.ClientSession(headers=admin) as http,
+        http.get(f"{base}/admin/accounts/{created['id']}") as resp,
+    ):
+        assert (resp.status, (await resp.json())["name"]) == (200, "persisted")

@@ -47,18 +47,6 @@ async def api(aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, serve
     return await aiohttp_client(create_app(media_settings(settings, server, max_upload_bytes=64 * 1024)))  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-async def customer(pool: asyncpg.Pool) -> tuple[str, str]:
-    return await make_customer(pool, balance_micros=FUNDS)
-
-
-@pytest.fixture
-async def sdk(api: TestClient, customer: tuple[str, str]) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=str(api.make_url("/v1")), api_key=customer[1], max_retries=0)
-    yield client
-    await client.close()
-
-
 async def balance(pool: asyncpg.Pool, account_id: str) -> dict[str, Any]:
     return await accounts.get_account(pool, account_id)
 

@@ -7,12 +7,8 @@ connection), which makes window boundaries and Retry-After exact.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
+import contextlib
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -24,8 +20,9 @@ from aiohttp.test_utils import TestClient
 from billing import keys, limits
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.conftest import ADMIN_TOKEN, ROOT
+from tests.conftest import ADMIN_TOKEN
 from tests.factories import make_account
+from tests.serving import meterline_serve
 
 NOW = "2026-03-15T12:00:30Z"
 
@@ -103,50 +100,12 @@ async def test_a_key_without_rate_limits_writes_no_counters(client: TestClient, 
     assert await pool.fetchval("SELECT count(*) FROM rate_windows") == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-2000:]
-
-
-@asynccontextmanager
-async def _gateway(database_url: str, log: Path) -> AsyncIterator[str]:
-    """A real `meterline serve` process on its own port; terminated (and waited for) on exit."""
-    port = _free_port()
-    # Its own minimal config: this test needs no upstreams or models, only the shared database.
-    config = log.with_suffix(".toml")
+def _gateway(database_url: str, config: Path) -> contextlib.AbstractAsyncContextManager[tuple[str, object]]:
+    """A real `meterline serve` process sharing the database. Its own minimal config: this test needs no
+    upstreams or models."""
     config.write_text("sweep_interval_seconds = 1\n")
-    env = {**os.environ, "METERLINE_DATABASE_URL": database_url, "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
-           "METERLINE_CONFIG": str(config)}
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=err,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    raise AssertionError(f"gateway exited: {_tail(log)}")
-                try:
-                    async with http.get(f"{base}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError(f"gateway did not start: {_tail(log)}")
-        yield base
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
+    return meterline_serve({"METERLINE_DATABASE_URL": database_url, "METERLINE_ADMIN_TOKEN": ADMIN_TOKEN,
+                            "METERLINE_CONFIG": str(config)})
 
 
 async def test_the_limit_holds_across_two_gateway_processes(pool: asyncpg.Pool, database_url: str) -> None:
@@ -155,8 +114,8 @@ async def test_the_limit_holds_across_two_gateway_processes(pool: asyncpg.Pool, 
     auth = {"Authorization": f"Bearer {secret}"}
     with tempfile.TemporaryDirectory() as tmp:
         async with (
-            _gateway(url, Path(tmp) / "a.log") as a,
-            _gateway(url, Path(tmp) / "b.log") as b,
+            _gateway(url, Path(tmp) / "a.toml") as (a, _),
+            _gateway(url, Path(tmp) / "b.toml") as (b, _),
             aiohttp.ClientSession(headers=auth) as http,
         ):
 

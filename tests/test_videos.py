@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import sys
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.factories import make_customer
 from tests.fakes.media_upstream import UPSTREAM_KEY, MediaUpstream, media_settings, tiny_png
+from tests.serving import meterline_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sora-2"
@@ -66,18 +63,6 @@ def make_app(aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, server
 @pytest.fixture
 async def api(make_app: App) -> TestClient:
     return await make_app()
-
-
-@pytest.fixture
-async def customer(pool: asyncpg.Pool) -> tuple[str, str]:
-    return await make_customer(pool, balance_micros=FUNDS)
-
-
-@pytest.fixture
-async def sdk(api: TestClient, customer: tuple[str, str]) -> AsyncIterator[openai.AsyncOpenAI]:
-    client = openai.AsyncOpenAI(base_url=str(api.make_url("/v1")), api_key=customer[1], max_retries=0)
-    yield client
-    await client.close()
 
 
 def auth(secret: str, **extra: str) -> dict[str, str]:
@@ -374,51 +359,13 @@ async def test_another_accounts_video_is_404(
 # Real gateway processes: `meterline serve` subprocesses on the test database, talking to the fake upstream.
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def serve(database_url: str, server: TestServer, *,
-                poll_seconds: float) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """Run `meterline serve` until the block ends (or the test kills it); yields its base URL and process."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update(METERLINE_DATABASE_URL=database_url, METERLINE_VIDEO_POLL_SECONDS=str(poll_seconds),
-               METERLINE_UPSTREAMS__MEDIA__BASE_URL=str(server.make_url("/v1")), MEDIA_API_KEY=UPSTREAM_KEY)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                if proc.returncode is not None:
-                    raise AssertionError("meterline serve exited before it was ready")
-                try:
-                    async with session.get(f"{base}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("meterline serve did not become ready")
-        yield base, proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(proc.communicate(), timeout=20)
-            except TimeoutError:
-                proc.kill()
-                await proc.communicate()
-        else:
-            await proc.communicate()
+def serve(database_url: str, server: TestServer, *, poll_seconds: float
+          ) -> contextlib.AbstractAsyncContextManager[tuple[str, asyncio.subprocess.Process]]:
+    """`meterline serve` on the test database, polling the fake media upstream every `poll_seconds`."""
+    return meterline_serve({
+        "METERLINE_DATABASE_URL": database_url, "METERLINE_VIDEO_POLL_SECONDS": str(poll_seconds),
+        "METERLINE_UPSTREAMS__MEDIA__BASE_URL": str(server.make_url("/v1")), "MEDIA_API_KEY": UPSTREAM_KEY,
+    })
 
 
 @pytest.mark.timeout(120)
