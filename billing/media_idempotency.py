@@ -26,10 +26,14 @@ class Stored:
 
 
 async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
-                response: dict[str, Any] | None = None, status_code: int | None = None) -> Stored | None:
+                response: dict[str, Any] | None = None, status_code: int | None = None,
+                stale_after_seconds: float | None = None) -> Stored | None:
     """Claim `key` for a request with this fingerprint: None when claimed now, the stored result on a replay.
 
-    `response` may be stored with the claim when the result is known up front (a video job's id)."""
+    `response` may be stored with the claim when the result is known up front (a video job's id).
+    `stale_after_seconds`: an unfinished claim older than this is taken over (by one caller: the takeover is a
+    conditional UPDATE). The caller passes a span its first request cannot outlive, so that a claim orphaned
+    by a process killed mid-request does not block the key forever."""
     claimed = await conn.fetchval(
         "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response)"
         " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
@@ -37,6 +41,15 @@ async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
     )
     if claimed:
         return None
+    if stale_after_seconds is not None:
+        taken = await conn.fetchval(
+            "UPDATE idempotency_keys SET created_at = now()"
+            " WHERE scope = $1 AND key = $2 AND request_hash = $3 AND response IS NULL"
+            "   AND created_at < now() - make_interval(secs => $4) RETURNING true",
+            scope, key, fingerprint, stale_after_seconds,
+        )
+        if taken:
+            return None
     stored = await conn.fetchrow(
         "SELECT request_hash, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
         scope, key,

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from billing import db
 from billing.keys import KeyStore
-from gateway import admin, chat, consumer, images, media_poller, models_api, settlement, usage, videos
+from gateway import admin, auth, chat, consumer, images, media_poller, models_api, settlement, usage, videos
 from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HTTP, KEY_STORE, POOL, SETTINGS
 from gateway.render import json_response
@@ -64,6 +64,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
+    app.on_response_prepare.append(auth.add_rate_headers)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)

@@ -13,6 +13,8 @@ from billing.keys import ApiKey
 from gateway.errors import ApiError, Handler, unauthenticated
 from gateway.keys import API_KEY, KEY_STORE, POOL, SETTINGS
 
+RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
+
 
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
@@ -35,12 +37,14 @@ async def authenticate(request: web.Request) -> ApiKey:
         )
         if not decision.allowed:
             raise rate_limited(key, decision)
+        request[RATE_HEADERS] = rate_headers(key, decision)[0]
     request[API_KEY] = key
     return key
 
 
-def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
-    """429 with lumyx's X-RateLimit-*-Minute/-Day headers; Retry-After is when the refusing window resets."""
+def rate_headers(key: ApiKey, decision: limits.RateDecision) -> tuple[dict[str, str], list[float]]:
+    """lumyx's X-RateLimit-*-Minute/-Day headers for the key's limits, and the seconds until each exhausted
+    window resets."""
     headers: dict[str, str] = {}
     waits: list[float] = []
     for suffix, limit, count, reset in (
@@ -55,6 +59,12 @@ def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
         headers[f"X-RateLimit-Reset-{suffix}"] = str(int(reset.timestamp()))
         if used >= limit:
             waits.append((reset - decision.at).total_seconds())
+    return headers, waits
+
+
+def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
+    """429 with the rate headers; Retry-After is when the refusing window resets."""
+    headers, waits = rate_headers(key, decision)
     retry_after = max(1, math.ceil(max(waits, default=1.0)))
     headers["Retry-After"] = str(retry_after)
     return ApiError(
@@ -62,6 +72,14 @@ def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
         f"Rate limit reached for this API key; retry after {retry_after} seconds",
         type="rate_limit_error", headers=headers,
     )
+
+
+async def add_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: an admitted request of a rate-limited key tells the client where it stands, on
+    streamed responses too (headers go out when the response is prepared)."""
+    headers = request.get(RATE_HEADERS)
+    if headers:
+        response.headers.update(headers)
 
 
 def requires_key(handler: Handler) -> Handler:

@@ -135,7 +135,10 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
     idem_key = media.idempotency_key(request)
     scope = idem.scope("images", key.account_id)
     if idem_key is not None:
-        stored = await idem.claim(pool, scope=scope, key=idem_key, fingerprint=fingerprint)
+        # A first request ends (upstream timeout) well within its hold's lifetime: a claim older than that
+        # was orphaned by a process that died mid-request.
+        stored = await idem.claim(pool, scope=scope, key=idem_key, fingerprint=fingerprint,
+                                  stale_after_seconds=app[SETTINGS].hold_ttl_seconds)
         if stored is not None:
             return json_response(stored.response, status=stored.status_code,
                                  headers={"Idempotent-Replayed": "true"})

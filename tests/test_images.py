@@ -276,6 +276,26 @@ async def test_failed_request_frees_its_idempotency_key_for_a_retry(
     assert await verify(pool) == []
 
 
+async def test_a_claim_orphaned_by_a_dead_process_is_taken_over_once_it_is_stale(
+    api: TestClient, pool: asyncpg.Pool, customer: tuple[str, str], fake: MediaUpstream
+) -> None:
+    """A process killed between claiming the key and storing the result leaves an unfinished claim. Until it
+    is older than a hold's lifetime it answers 409; after that one retry takes it over and runs."""
+    body = {"model": MODEL, "prompt": "orphan"}
+    headers = auth(customer[1], **{"Idempotency-Key": "img-orphan"})
+    assert (await api.post("/v1/images/generations", json=body, headers=headers)).status == 200
+    await pool.execute("UPDATE idempotency_keys SET response = NULL, status_code = NULL")  # the orphan
+    fresh = await api.post("/v1/images/generations", json=body, headers=headers)
+    assert (fresh.status, (await fresh.json())["error"]["code"]) == (409, "CONFLICT")
+    await pool.execute("UPDATE idempotency_keys SET created_at = now() - interval '1 hour'")
+    retries = await asyncio.gather(*[api.post("/v1/images/generations", json=body, headers=headers)
+                                     for _ in range(3)])
+    assert sorted(r.status for r in retries) == [200, 409, 409]
+    assert fake.calls["generations"] == 2
+    assert (await balance(pool, customer[0]))["balance_micros"] == FUNDS - 2 * DEFAULT_UNIT
+    assert await verify(pool) == []
+
+
 async def test_insufficient_balance_is_402_and_reaches_nothing(
     api: TestClient, pool: asyncpg.Pool, fake: MediaUpstream
 ) -> None:

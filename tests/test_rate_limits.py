@@ -51,8 +51,11 @@ async def pinned_client(aiohttp_client: object, settings: Settings, database_url
 async def test_the_minute_limit_refuses_with_lumyx_headers(pinned_client: TestClient, pool: asyncpg.Pool) -> None:
     secret = await _limited_customer(pool, rpm_limit=3)
     auth = {"Authorization": f"Bearer {secret}"}
-    statuses = [(await pinned_client.get("/v1/balance", headers=auth)).status for _ in range(3)]
-    assert statuses == [200, 200, 200]
+    admitted = [await pinned_client.get("/v1/balance", headers=auth) for _ in range(3)]
+    assert [r.status for r in admitted] == [200, 200, 200]
+    assert [r.headers["X-RateLimit-Remaining-Minute"] for r in admitted] == ["2", "1", "0"]
+    assert {r.headers["X-RateLimit-Limit-Minute"] for r in admitted} == {"3"}
+    assert "X-RateLimit-Limit-Day" not in admitted[0].headers  # no daily limit set
     resp = await pinned_client.get("/openai/v1/balance", headers=auth)
     assert resp.status == 429
     assert (await resp.json())["error"]["code"] == "RATE_LIMITED"
