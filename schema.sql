@@ -162,6 +162,20 @@ ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_spent_micros bigint NOT NUL
 ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS held_micros bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0);
 ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm_limit integer CHECK (rpm_limit BETWEEN 1 AND 1000);
 ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpd_limit integer CHECK (rpd_limit BETWEEN 1 AND 10000);
+
+-- Gateways cache authenticated keys and LISTEN here (billing.keys.follow_key_changes): every change to what they
+-- cache (revocation, request limits, a new key) is announced with the key's digest, after commit. Spend counters
+-- (held_micros, window_*) are not in the column list, so the money hot path never notifies.
+CREATE OR REPLACE FUNCTION meterline_key_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('meterline_keys',
+                      encode(CASE WHEN TG_OP = 'INSERT' THEN NEW.digest ELSE OLD.digest END, 'hex'));
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
+CREATE TRIGGER api_keys_changed
+    AFTER INSERT OR DELETE OR UPDATE OF account_id, name, prefix, digest, revoked_at, rpm_limit, rpd_limit
+    ON api_keys FOR EACH ROW EXECUTE FUNCTION meterline_key_changed();
 -- Whether this hold counts against its key's cached held_micros (the key had a limit when it was made), so that
 -- releasing it later is exact even if the limit was changed in between.
 ALTER TABLE holds ADD COLUMN IF NOT EXISTS key_limited boolean NOT NULL DEFAULT false;

@@ -135,6 +135,9 @@ def markdown(found: list[Target], results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
     ]
     lines += [f"| {t.name} | {t.goal} | {t.value} | {t.verdict()} |" for t in found]
+    rows = arm_rows(results)
+    lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return "\n".join(lines)
 
 
@@ -147,14 +150,13 @@ def write_readme(text: str, readme: Path = ROOT / "README.md") -> None:
     readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", content, count=1), encoding="utf-8")
 
 
-def arm_table(results: dict[str, Any]) -> str:
-    """Per-arm figures behind the targets (medians of round medians)."""
+def arm_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per-arm figures behind the targets (medians of round medians), with a header row."""
     def num(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    header = ("Arm", "c=1 p50 ms", "c=1 +p50", "c=1 +p99", "max req/s", "CPU µs/req", "50ms p50×", "50ms p99×",
-              "+TTFT ms", "µs/chunk")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [("Arm", "c=1 p50 ms", "c=1 +p50 ms", "c=1 +p99 ms", "max req/s",
+                                    "CPU µs/req", "50 ms p50×", "50 ms p99×", "+TTFT ms", "CPU µs/chunk")]
     for arm in results.get("arms", []):
         c1 = _get(results, "latency_c1", "summary", arm) or {}
         best = _get(results, "sweep", "best", arm) or {}
@@ -166,7 +168,12 @@ def arm_table(results: dict[str, Any]) -> str:
                      num(best.get("cpu_us_per_request"), ".0f"), num(o.get("p50_ratio"), ".3f"),
                      num(o.get("p99_ratio"), ".3f"), num(s.get("added_ttft_p50_ms"), ".2f"),
                      num(s.get("cpu_us_per_chunk"), ".1f")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return rows
+
+
+def arm_table(results: dict[str, Any]) -> str:
+    rows = arm_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

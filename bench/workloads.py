@@ -33,12 +33,14 @@ class Profile:
     rss_concurrency: int
 
 
-FULL = Profile(rounds=5, c1_requests=1000, c1_cap_s=4.0, sweep_levels=(4, 16, 64), sweep_s=2.0, open_s=3.0,
-               stream_s=2.5, stream_concurrency=16, stream_chunks=32, prompt_requests=300, accounts_s=2.0,
+FULL = Profile(rounds=5, c1_requests=1000, c1_cap_s=3.0, sweep_levels=(4, 16, 64), sweep_s=1.5, open_s=2.5,
+               stream_s=2.5, stream_concurrency=16, stream_chunks=32, prompt_requests=200, accounts_s=2.0,
                rss_total=200_000, rss_segment=20_000, rss_concurrency=64)
-QUICK = Profile(rounds=5, c1_requests=300, c1_cap_s=1.0, sweep_levels=(8, 64), sweep_s=0.8, open_s=1.0,
-                stream_s=1.0, stream_concurrency=16, stream_chunks=32, prompt_requests=100, accounts_s=0.8,
-                rss_total=20_000, rss_segment=5_000, rss_concurrency=64)
+QUICK = Profile(rounds=5, c1_requests=200, c1_cap_s=0.8, sweep_levels=(64,), sweep_s=0.8, open_s=0.8,
+                stream_s=0.8, stream_concurrency=16, stream_chunks=32, prompt_requests=40, accounts_s=0.7,
+                rss_total=8_000, rss_segment=2_000, rss_concurrency=64)
+# LiteLLM serves its most at a low concurrency (more only queues): it is swept at this one level.
+PEER_LEVEL = 8
 
 
 def median(values: list[float | None]) -> float | None:
@@ -128,20 +130,21 @@ def sweep(bench: Bench, arms: list[Arm], direct: Arm) -> dict[str, Any]:
     p = bench.profile
     bench.knobs(latency_ms=0)
     levels: dict[str, Any] = {}
-    for level in p.sweep_levels:
-        group = [direct, *arms] if level == max(p.sweep_levels) else arms
-        if level != min(p.sweep_levels):  # a slow peer peaks early and would take most of the time
-            group = [arm for arm in group if arm.name != "litellm"]
+    peers = [arm for arm in arms if arm.name == "litellm"]
+    arms = [arm for arm in arms if arm.name != "litellm"]
+    plan = [(level, [direct, *arms] if level == max(p.sweep_levels) else arms) for level in p.sweep_levels]
+    if peers:
+        plan.append((PEER_LEVEL, peers))
+    for level, group in plan:
         runs = bench.rounds(group, lambda arm, level=level: arm.job(
             mode="closed", concurrency=level, duration_s=p.sweep_s))
-        levels[str(level)] = {name: {"rps": _med(r, "rps"), "p50_ms": _med(r, "p50_ms"),
-                                     "p99_ms": _med(r, "p99_ms"),
-                                     "cpu_us_per_request": _med(r, "cpu_us_per_request"),
-                                     "db_cpu_us_per_request": _med(r, "db_cpu_us_per_request"),
-                                     "rounds": r}
-                              for name, r in runs.items()}
+        levels.setdefault(str(level), {}).update({
+            name: {"rps": _med(r, "rps"), "p50_ms": _med(r, "p50_ms"), "p99_ms": _med(r, "p99_ms"),
+                   "cpu_us_per_request": _med(r, "cpu_us_per_request"),
+                   "db_cpu_us_per_request": _med(r, "db_cpu_us_per_request"), "rounds": r}
+            for name, r in runs.items()})
     best: dict[str, Any] = {}
-    for arm in [direct, *arms]:
+    for arm in [direct, *arms, *peers]:
         seen = [(lv[arm.name]["rps"], level) for level, lv in levels.items() if arm.name in lv]
         rps, level = max(seen, key=lambda pair: pair[0] or 0)
         best[arm.name] = {"max_rps": rps, "at_concurrency": int(level),
@@ -171,12 +174,16 @@ def open_loop_50ms(bench: Bench, arms: list[Arm], direct: Arm, rate: float) -> d
 
 
 def streaming(bench: Bench, arms: list[Arm], direct: Arm) -> dict[str, Any]:
-    """SSE paced 10 ms apart: added time to first token, CPU per relayed chunk, every chunk delivered."""
+    """SSE paced 10 ms apart: added time to first token, CPU per relayed chunk, every chunk delivered.
+
+    Open loop, at the rate that keeps `stream_concurrency` streams open on average: a closed loop would start
+    all its streams in one wave (they all last as long), and each first token would queue behind the others'."""
     p = bench.profile
     bench.knobs(latency_ms=0, chunks=p.stream_chunks, pace_ms=10)
+    rate = p.stream_concurrency / (p.stream_chunks * 0.010)
     runs = bench.rounds([direct, *arms], lambda arm: arm.job(
-        stream=True, expect_chunks=p.stream_chunks, mode="closed", concurrency=p.stream_concurrency,
-        duration_s=p.stream_s))
+        stream=True, expect_chunks=p.stream_chunks, mode="open", rate=rate, duration_s=p.stream_s,
+        preconnect=p.stream_concurrency + 8))
     summary = {}
     for name, r in runs.items():
         per_chunk = median([run["cpu_s"] / run["chunks"] * 1e6 if run.get("cpu_s") is not None
@@ -186,7 +193,8 @@ def streaming(bench: Bench, arms: list[Arm], direct: Arm) -> dict[str, Any]:
                          "cpu_us_per_chunk": per_chunk, "streams": sum(run["ok"] for run in r),
                          "chunks": sum(run["chunks"] for run in r),
                          "bad_streams": sum(run["bad_streams"] for run in r)}
-    return {"chunks_per_stream": p.stream_chunks, "summary": summary, "rounds": runs}
+    return {"chunks_per_stream": p.stream_chunks, "streams_per_second": rate, "summary": summary,
+            "rounds": runs}
 
 
 def prompt_sizes(bench: Bench, arms: list[Arm], direct: Arm) -> dict[str, Any]:

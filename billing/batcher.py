@@ -78,6 +78,8 @@ class _Queue(Generic[Item, Out]):
         self._max_inflight = max_inflight
         self._pending: list[tuple[Item, asyncio.Future[Out]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.statements = 0  # batches sent (observability, and how tests see that calls were grouped)
+        self.items = 0
 
     def submit(self, item: Item) -> asyncio.Future[Out]:
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
@@ -99,6 +101,8 @@ class _Queue(Generic[Item, Out]):
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Out]]]) -> None:
         items = [item for item, _ in batch]
+        self.statements += 1
+        self.items += len(items)
         outcomes: Sequence[Out | BaseException]
         try:
             outcomes = await self._run_batch(items) if len(items) > 1 else [await self._run_one(items[0])]
@@ -151,6 +155,10 @@ class LedgerBatcher:
         await self._holds.close()
         await self._charges.close()
 
+    def stats(self) -> dict[str, int]:
+        return {"reserve_batches": self._holds.statements, "reserves": self._holds.items,
+                "settle_batches": self._charges.statements, "settles": self._charges.items}
+
     async def _reserve_one(self, hold: _Hold) -> Reservation:
         return await ledger.reserve(self._pool, request_id=hold.request_id, account_id=hold.account_id,
                                     amount_micros=hold.high, min_micros=hold.low,
@@ -174,8 +182,8 @@ class LedgerBatcher:
             try:
                 out[i] = await ledger.reservation(self._pool, by_n.get(n), request_id=hold.request_id,
                                                   account_id=hold.account_id, low=hold.low, key_id=hold.key_id)
-            except BillingError as exc:
-                out[i] = exc
+            except (BillingError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                out[i] = exc  # the batch has committed: a failure here is this item's, never a reason to rerun
         return out
 
     async def _settle_batch(self, charges: list[_Charge]) -> list[Resolution | Exception]:
@@ -192,6 +200,6 @@ class LedgerBatcher:
             try:
                 out[i] = ledger.resolution(row if row is not None and row["state"] is not None else None,
                                            charges[i].request_id)
-            except BillingError as exc:
-                out[i] = exc
+            except (BillingError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                out[i] = exc  # the batch has committed: a failure here is this item's, never a reason to rerun
         return out

@@ -2,16 +2,25 @@
 
 Authentication hashes the presented key, looks the digest up by its unique index and compares digests in constant
 time. `KeyStore` caches lookups for at most `ttl_seconds`, so a revocation reaches every process within that.
+While `follow_key_changes` listens for the database's key-change notifications (a trigger on api_keys), answers
+may live for `notified_ttl_seconds` instead: a change evicts its key at once, and the listener's heartbeat vouches
+for the link, so a lost link falls back to the short TTL within a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+import math
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import asyncpg
 
 from billing.accounts import get_account, new_id
 from billing.errors import KeyNotFound
@@ -21,6 +30,10 @@ KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters
 _DISPLAY_CHARS = 8
 _LIMITS = "limit_micros, limit_reset, rpm_limit, rpd_limit"  # per-key limits (billing.limits)
+# The channel schema.sql's api_keys trigger notifies, with the changed key's digest in hex.
+KEY_CHANNEL = "meterline_keys"
+
+log = logging.getLogger("meterline.keys")
 
 
 def digest(secret: str) -> bytes:
@@ -77,13 +90,49 @@ async def revoke_key(conn: Executor, key_id: str) -> dict[str, Any]:
 
 
 class KeyStore:
-    """Resolves presented secrets to live keys, caching each answer (found or not) for `ttl_seconds`."""
+    """Resolves presented secrets to live keys, caching each answer (found or not) for `ttl_seconds`, or for
+    `notified_ttl_seconds` while a key-change listener vouches for its link (see `follow_key_changes`)."""
 
-    def __init__(self, conn: Executor, *, ttl_seconds: float = 1.0, max_entries: int = 100_000) -> None:
+    def __init__(self, conn: Executor, *, ttl_seconds: float = 1.0, max_entries: int = 100_000,
+                 notified_ttl_seconds: float = 0.0) -> None:
         self._conn = conn
         self._ttl = ttl_seconds
+        self._notified_ttl = max(notified_ttl_seconds, ttl_seconds)
         self._max = max_entries
-        self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}
+        self._cache: dict[bytes, tuple[float, ApiKey | None]] = {}  # digest -> (fetched at, answer)
+        self._heard_until = 0.0  # monotonic time until which every key change is known to have reached us
+        self._listening_since = math.inf  # answers read before the listener was listening never live long
+        self._epoch = 0  # bumped by every eviction: a lookup that raced one is not cached
+
+    @property
+    def listening(self) -> bool:
+        return time.monotonic() < self._heard_until
+
+    def listening_from(self, since: float) -> None:
+        """The listener's LISTEN is in force from `since` (monotonic): answers read after it may live long."""
+        self._listening_since = since
+
+    def heard(self, until: float) -> None:
+        """The listener saw its link working: every change committed before it asked is already evicted."""
+        self._heard_until = until
+
+    def evict(self, digest_hex: str | None = None) -> None:
+        """A key changed (revoked, limits edited, created): forget it, or everything when unnamed."""
+        self._epoch += 1
+        if digest_hex is None:
+            self._cache.clear()
+            return
+        try:
+            self._cache.pop(bytes.fromhex(digest_hex), None)
+        except ValueError:
+            self._cache.clear()
+
+    def deaf(self) -> None:
+        """The listener lost its link: changes may have been missed, so cached answers are trusted for the short
+        TTL only (as if there had never been a listener), and a new link starts afresh."""
+        self._heard_until = 0.0
+        self._listening_since = math.inf
+        self._epoch += 1
 
     async def authenticate(self, secret: str) -> ApiKey | None:
         if not looks_like_key(secret):
@@ -91,8 +140,12 @@ class KeyStore:
         wanted = digest(secret)
         now = time.monotonic()
         cached = self._cache.get(wanted)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            age = now - cached[0]
+            if age < self._ttl or (age < self._notified_ttl and now < self._heard_until
+                                   and cached[0] >= self._listening_since):
+                return cached[1]
+        epoch = self._epoch
         row = await self._conn.fetchrow(
             "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit FROM api_keys"
             " WHERE digest = $1 AND revoked_at IS NULL",
@@ -102,10 +155,44 @@ class KeyStore:
         if row is not None and hmac.compare_digest(bytes(row["digest"]), wanted):
             key = ApiKey(row["id"], row["account_id"], row["name"], row["prefix"],
                          row["rpm_limit"], row["rpd_limit"])
+        if epoch != self._epoch:
+            return key  # a key changed while this was read: the answer may predate it, so it is not kept
         if len(self._cache) >= self._max:
             self._cache.clear()
-        self._cache[wanted] = (now + self._ttl, key)
+        self._cache[wanted] = (now, key)
         return key
 
     def forget(self) -> None:
         self._cache.clear()
+
+
+async def follow_key_changes(connect: Callable[[], Awaitable[asyncpg.Connection]], store: KeyStore, *,
+                             beat_seconds: float = 0.25, trust_seconds: float = 0.75) -> None:
+    """LISTEN for key changes on a connection of its own and evict them from `store`, until cancelled.
+
+    Every `beat_seconds` a round trip proves the link: notifications arrive in order with query results, so all
+    changes committed before the beat was sent have been seen, and the store may trust long-lived answers for
+    `trust_seconds` after it. A lost link makes the store deaf (short TTL) until a new link is listening.
+    """
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await connect()
+            await conn.add_listener(KEY_CHANNEL, lambda _c, _pid, _channel, payload: store.evict(payload))
+            # Whatever changed before this link listened is unknown: older answers keep the short TTL.
+            store.listening_from(time.monotonic())
+            while True:
+                sent = time.monotonic()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that races
+                # the reply, and this loop would then outlive its app.
+                async with asyncio.timeout(trust_seconds):
+                    await conn.fetchval("SELECT 1")
+                store.heard(sent + trust_seconds)
+                await asyncio.sleep(beat_seconds)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("key-change listener lost its link (%s); cached keys fall back to the short TTL", exc)
+        finally:
+            store.deaf()
+            if conn is not None:
+                conn.terminate()
+        await asyncio.sleep(1.0)

@@ -12,6 +12,7 @@ request may produce, by the same rule, so a charge for real usage never exceeds 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -79,6 +80,15 @@ def exact_cost(prices: TokenPrices, usage: Usage) -> Fraction:
 
 def cost_micros(prices: TokenPrices, usage: Usage) -> int:
     """The charge for a call: its exact cost rounded once, half-up, to a whole micro."""
+    cached_price = prices.cached
+    if prices.input.denominator == 1 and prices.output.denominator == 1 and cached_price.denominator == 1:
+        # Whole-micro prices (every local price): the same rule in int arithmetic, without Fraction's
+        # normalisation on every step (bench/ measured it at 4% of a billed request's CPU).
+        prompt = max(usage.prompt_tokens, 0)
+        cached = min(max(usage.cached_tokens, 0), prompt)
+        per_mtok = ((prompt - cached) * prices.input.numerator + cached * cached_price.numerator
+                    + max(usage.completion_tokens, 0) * prices.output.numerator)
+        return min(round_half_up(per_mtok, TOKENS_PER_PRICE_UNIT), MAX_MICROS)
     exact = exact_cost(prices, usage)
     return min(round_half_up(exact.numerator, exact.denominator), MAX_MICROS)
 
@@ -90,8 +100,14 @@ def whole_micros(value: Fraction) -> int:
 
 def padded_prompt_tokens(counted: int, safety_factor: Decimal) -> int:
     """The prompt tokens a hold assumes: the tokenizer's count times the safety factor, rounded up."""
-    padded = Fraction(counted) * Fraction(safety_factor)
-    return math.ceil(padded)
+    factor = _fraction(safety_factor)
+    return -(-counted * factor.numerator // factor.denominator)  # ceil, in ints
+
+
+@functools.lru_cache(maxsize=64)
+def _fraction(value: Decimal) -> Fraction:
+    """Decimal -> Fraction is slow and the safety factor is one setting: convert it once."""
+    return Fraction(value)
 
 
 def hold_micros(prices: TokenPrices, *, prompt_tokens: int, max_output_tokens: int) -> int:

@@ -10,10 +10,11 @@ import asyncpg
 from aiohttp import web
 
 from billing import db
-from billing.keys import KeyStore
+from billing.batcher import LedgerBatcher
+from billing.keys import KeyStore, follow_key_changes
 from gateway import admin, auth, chat, consumer, images, media_poller, models_api, settlement, usage, videos
 from gateway.errors import error_middleware
-from gateway.keys import CATALOG, HTTP, KEY_STORE, POOL, SETTINGS
+from gateway.keys import CATALOG, HTTP, KEY_STORE, LEDGER, POOL, SETTINGS
 from gateway.render import json_response
 from gateway.settings import Settings
 from gateway.tasks import background_ctx
@@ -29,9 +30,19 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         async with pool.acquire() as conn:
             await db.apply_schema(conn)
         app[POOL] = pool
-        app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds)
-        yield
+        app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
+                                  notified_ttl_seconds=settings.key_cache_notified_seconds)
+        app[LEDGER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max)
+        listener = asyncio.create_task(follow_key_changes(lambda: db.connect(url), app[KEY_STORE]),
+                                       name="key-change listener")
+        try:
+            yield
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
     finally:
+        if LEDGER in app:
+            await app[LEDGER].close()  # batches still queued are written before the pool goes
         await pool.close()
 
 

@@ -9,6 +9,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from billing.batcher import LedgerBatcher
 from billing.catalog import Catalog
 from billing.keys import ApiKey, KeyStore
 from gateway.settings import Settings
@@ -16,6 +17,8 @@ from gateway.settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 KEY_STORE = web.AppKey("key_store", KeyStore)
+# Holds and settlements go through here: group-committed with those of concurrent requests.
+LEDGER = web.AppKey("ledger", LedgerBatcher)
 TASKS: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("tasks")
 # The one client session (and connection pool) for every upstream call.
 HTTP = web.AppKey("http", aiohttp.ClientSession)

@@ -8,6 +8,7 @@ owned task means the call completes even then; tasks still running at shutdown a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -15,9 +16,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from billing import ledger
-from billing.errors import BillingError
+from billing.errors import BillingError, UnknownHold
 from billing.ledger import Reservation, Resolution
-from gateway.keys import POOL, SETTINGS, SETTLING
+from gateway.keys import LEDGER, POOL, SETTINGS, SETTLING
 
 log = logging.getLogger("meterline.settlement")
 
@@ -56,6 +57,7 @@ class Bill:
         self.request_id = request_id
         self.record = record  # the request-record fields known up front (model, endpoint, user, ...)
         self.reservation: Reservation | None = None
+        self.account_id: str | None = None
         self.resolution: Resolution | None = None
         self._resolving = False
         self._handed_off = False
@@ -72,8 +74,9 @@ class Bill:
     async def reserve(self, *, account_id: str, key_id: str, amount_micros: int, min_micros: int) -> Reservation:
         """Hold between `min_micros` and `amount_micros` (as much as available). If the caller is cancelled
         while the hold is being taken, the hold is voided as soon as it exists."""
-        task = own(self.app, ledger.reserve(
-            self.app[POOL], request_id=self.request_id, account_id=account_id, amount_micros=amount_micros,
+        self.account_id = account_id
+        task = own(self.app, self.app[LEDGER].reserve(
+            request_id=self.request_id, account_id=account_id, amount_micros=amount_micros,
             min_micros=min_micros, ttl_seconds=self.app[SETTINGS].hold_ttl_seconds, key_id=key_id,
         ), f"reserve {self.request_id}")
         try:
@@ -85,20 +88,21 @@ class Bill:
         return self.reservation
 
     async def _void_after(self, task: asyncio.Task[Reservation]) -> None:
-        try:
-            await task
-        except Exception:
-            return
-        await ledger.void(self.app[POOL], request_id=self.request_id, reason="cancelled",
-                          record={**self.record, "status": "cancelled", "error_code": "CANCELLED"})
+        # Whatever the reservation's outcome (its own failure is logged by `own`), a hold may exist: an error can
+        # arrive after the commit. Void it if it does.
+        await asyncio.wait([task])
+        with contextlib.suppress(UnknownHold):  # the reservation never made a hold
+            await ledger.void(self.app[POOL], request_id=self.request_id, reason="cancelled",
+                              record={**self.record, "status": "cancelled", "error_code": "CANCELLED"})
 
     async def settle(self, *, actual_micros: int, estimated: bool, record: dict[str, Any]) -> Resolution | None:
         if self._resolving:
             return self.resolution
         self._resolving = True
-        self.resolution = await shielded(self.app, ledger.settle(
-            self.app[POOL], request_id=self.request_id, actual_micros=actual_micros, estimated=estimated,
-            record={**self.record, **record},
+        # Group-committed with concurrent settlements; the account only orders the batch's row locks.
+        self.resolution = await shielded(self.app, self.app[LEDGER].settle(
+            request_id=self.request_id, account_id=self.account_id or "", actual_micros=actual_micros,
+            estimated=estimated, record={**self.record, **record},
         ), f"settle {self.request_id}")
         return self.resolution
 

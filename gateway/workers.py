@@ -2,8 +2,9 @@
 
 The kernel spreads new connections over the processes. Each worker opens its own pool, upstream session and
 background tasks; all of them are safe to run N times (the sweeper uses SKIP LOCKED, media jobs are leased, and
-every money decision is made in PostgreSQL). The parent only supervises: Ctrl-C reaches the whole process group,
-so the parent ignores SIGINT and waits; a SIGTERM sent to the parent alone is passed on to each worker once.
+every money decision is made in PostgreSQL). The parent only supervises: each worker runs in its own process
+group, so a signal reaches a worker exactly once, from the parent, which passes on the first SIGINT or SIGTERM it
+gets and waits for the workers to finish their graceful shutdown (settlements in flight included).
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _worker(database_url: str | None, host: str, port: int) -> None:
-    from aiohttp import web
+    os.setpgrp()  # a Ctrl-C in the terminal reaches the parent only; it forwards it once
+    # A stop that arrives while the worker is still starting (before run_app has its own handlers) is a clean
+    # exit, not a traceback.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        from aiohttp import web
+        from aiohttp.log import access_logger
 
-    from gateway.app import create_app
-    from gateway.settings import load_settings
+        from gateway.app import create_app
+        from gateway.settings import load_settings
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    # Spawned, not forked: the worker reads the same settings afresh, with the parent's database URL (which
-    # may name the embedded server the parent started).
-    settings = load_settings(database_url=database_url)
-    web.run_app(create_app(settings), host=host, port=port, reuse_port=True, print=None)
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        # Spawned, not forked: the worker reads the same settings afresh, with the parent's database URL
+        # (which may name the embedded server the parent started).
+        settings = load_settings(database_url=database_url)
+        web.run_app(create_app(settings), host=host, port=port, reuse_port=True, print=None,
+                    access_log=access_logger if settings.access_log else None)
+    except KeyboardInterrupt:
+        return
 
 
 def serve(database_url: str | None, *, host: str, port: int, workers: int) -> int:
@@ -44,12 +54,11 @@ def serve(database_url: str | None, *, host: str, port: int, workers: int) -> in
         forwarded = True
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signum)
 
     for proc in procs:
         proc.start()
-    # Set after the start: an ignored SIGINT would be inherited by the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     print(f"======== Running on http://{host}:{port} with {workers} workers ========", flush=True)
     for proc in procs:
