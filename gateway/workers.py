@@ -41,26 +41,36 @@ def _worker(database_url: str | None, host: str, port: int) -> None:
 
 
 def serve(database_url: str | None, *, host: str, port: int, workers: int) -> int:
-    """Run `workers` worker processes until they all exit; the exit status is the first failure's, else 0."""
+    """Run `workers` worker processes until they all exit. The exit status is that of the first worker that
+    failed on its own, else 0: once a stop has been passed on, how a worker ends is not a failure (one still
+    in multiprocessing's start-up dies of the signal rather than shutting down, which is just as stopped)."""
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(database_url, host, port), name=f"meterline-worker-{i}")
              for i in range(workers)]
-    forwarded = False
+    stopping: int | None = None  # the signal passed on, once one arrived
+    asked: set[int] = set()  # the workers that were sent it
+
+    def stop(index: int) -> None:
+        pid = procs[index].pid
+        if stopping is not None and pid is not None and procs[index].is_alive():
+            asked.add(index)
+            os.kill(pid, stopping)
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        nonlocal forwarded
-        if forwarded:
+        nonlocal stopping
+        if stopping is not None:
             return
-        forwarded = True
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
+        stopping = signum
+        for index in range(len(procs)):
+            stop(index)
 
-    for proc in procs:
-        proc.start()
+    # Handlers first: a signal that arrives while workers are being started stops each of them as it starts.
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    for index, proc in enumerate(procs):
+        proc.start()
+        stop(index)
     print(f"======== Running on http://{host}:{port} with {workers} workers ========", flush=True)
     for proc in procs:
         proc.join()
-    return next((abs(proc.exitcode) for proc in procs if proc.exitcode), 0)
+    return next((abs(proc.exitcode) for index, proc in enumerate(procs) if proc.exitcode and index not in asked), 0)

@@ -46,15 +46,17 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def meterline_serve(env: dict[str, str]) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
-    """A real `meterline serve` process on a free port, with the caller's METERLINE_* (and upstream key)
+async def meterline_serve(
+    env: dict[str, str], *args: str
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """A real `meterline serve [args]` process on a free port, with the caller's METERLINE_* (and upstream key)
     variables and none inherited; yields its base URL once /readyz answers, and its process (a test may kill
     it). Stopped with SIGINT, as an operator would, when the block ends."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
     with tempfile.TemporaryFile() as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args,
             cwd=ROOT, env={**clean, **env}, stdout=log, stderr=log,
         )
         base = f"http://127.0.0.1:{port}"

@@ -31,16 +31,6 @@ FUNDS = 10_000_000
 
 
 @pytest.fixture
-def fake() -> MediaUpstream:
-    return MediaUpstream()
-
-
-@pytest.fixture
-async def server(aiohttp_server: Any, fake: MediaUpstream) -> TestServer:
-    return await aiohttp_server(fake.app())  # type: ignore[no-any-return]
-
-
-@pytest.fixture
 async def api(aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, server: TestServer,
               monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.setenv("MEDIA_API_KEY", UPSTREAM_KEY)

@@ -34,16 +34,6 @@ FUNDS = 20_000_000
 QUIET = 3600.0  # a poll interval long enough that the background poller never runs during a test
 
 
-@pytest.fixture
-def fake() -> MediaUpstream:
-    return MediaUpstream()
-
-
-@pytest.fixture
-async def server(aiohttp_server: Any, fake: MediaUpstream) -> TestServer:
-    return await aiohttp_server(fake.app())  # type: ignore[no-any-return]
-
-
 App = Callable[..., Awaitable[TestClient]]
 
 

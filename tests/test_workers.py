@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.serving import ROOT, free_port
+from tests.serving import ROOT, free_port, meterline_serve
 
 
 def _workers(parent: int) -> list[int]:
@@ -36,32 +36,36 @@ def _gone(pid: int) -> bool:
 
 
 async def test_two_workers_share_the_port_and_stop_on_one_sigint(database_url: str) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env["METERLINE_DATABASE_URL"] = database_url
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers", "2",
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(600):  # a bound on start-up, not a timing test
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            # Fresh connections, spread by the kernel over both listening workers.
-            statuses = []
-            for _ in range(20):
-                async with aiohttp.ClientSession() as fresh, fresh.get(f"http://127.0.0.1:{port}/healthz") as r:
-                    statuses.append(r.status)
+    async with meterline_serve({"METERLINE_DATABASE_URL": database_url}, "--workers", "2") as (base, proc):
+        # Fresh connections, spread by the kernel over both listening workers.
+        statuses = []
+        for _ in range(20):
+            async with aiohttp.ClientSession() as fresh, fresh.get(f"{base}/healthz") as resp:
+                statuses.append(resp.status)
         workers = _workers(proc.pid)
         assert statuses == [200] * 20
         assert len(workers) == 2
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+        assert all(_gone(pid) for pid in workers)
+
+
+async def test_a_stop_while_workers_are_still_starting_is_a_clean_exit(database_url: str) -> None:
+    """SIGINT at once, while the workers are importing: exit status 0 and no worker left behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env["METERLINE_DATABASE_URL"] = database_url
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "serve", "--port", str(free_port()), "--workers", "2",
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(200):  # until both workers exist (a bound, not a timing assertion)
+            workers = _workers(proc.pid)
+            if len(workers) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), timeout=60) == 0
         assert all(_gone(pid) for pid in workers)
     finally:
         if proc.returncode is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -159,3 +160,15 @@ def tiny_png(red: int = 255) -> bytes:
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
     pixels = zlib.compress(bytes([0, red, 0, 0]))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def fake() -> MediaUpstream:
+    """The fake media upstream, with its knobs at their defaults."""
+    return MediaUpstream()
+
+
+@pytest.fixture
+async def server(aiohttp_server: Any, fake: MediaUpstream) -> TestServer:
+    """The fake media upstream served on loopback."""
+    return await aiohttp_server(fake.app())  # type: ignore[no-any-return]
