@@ -403,7 +403,7 @@ BEGIN
             v_overrun, p_estimated, v_balance);
     PERFORM meterline_key_release(h, v_release, p_actual);
     UPDATE holds SET state = 'settled', actual_micros = p_actual, overrun_micros = v_overrun,
-                     expired_first = (h.state = 'expired'), resolved_at = now()
+                     expired_first = (h.state = 'expired'), resolved_at = COALESCE(h.resolved_at, now())
      WHERE holds.request_id = p_request_id;
     PERFORM meterline_record(p_request_id, h, 'settled', p_actual, p_estimated, v_overrun, p_record);
     RETURN QUERY SELECT 'settled'::text, h.amount_micros, p_actual, v_overrun, false, v_balance;
@@ -430,7 +430,7 @@ BEGIN
     UPDATE holds SET state = 'voided', reason = p_reason, resolved_at = now()
      WHERE holds.request_id = p_request_id;
     PERFORM meterline_record(p_request_id, h, 'voided', 0, false, 0,
-                             COALESCE(p_record, NULL) || jsonb_build_object('error_message', p_reason));
+                             p_record || jsonb_build_object('error_message', p_reason));
     RETURN QUERY SELECT 'voided'::text, h.amount_micros, NULL::bigint, 0::bigint, false, NULL::bigint;
 END $$;
 
@@ -450,6 +450,12 @@ BEGIN
          LIMIT p_limit
          FOR UPDATE SKIP LOCKED
     LOOP
+        -- Never wait for an account: a batched settlement may hold it while it waits for one of the holds this
+        -- loop has locked. A skipped hold is expired by the next sweep.
+        PERFORM 1 FROM accounts WHERE id = h.account_id FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            CONTINUE;
+        END IF;
         UPDATE accounts a SET held_micros = a.held_micros - h.amount_micros WHERE a.id = h.account_id;
         PERFORM meterline_key_release(h, h.amount_micros, 0);
         UPDATE holds SET state = 'expired', reason = 'hold expired', resolved_at = now()

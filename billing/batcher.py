@@ -15,7 +15,6 @@ request: the lock is held once for the whole batch instead of once (through a co
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from billing import ledger
+from billing import db, ledger
 from billing.errors import BillingError
 from billing.ledger import Reservation, Resolution
 
@@ -105,6 +104,25 @@ class _Queue(Generic[Item, Out]):
         self.items += len(items)
         outcomes: Sequence[Out | BaseException]
         try:
+            outcomes = await self._outcomes(items)
+        except BaseException as exc:
+            # Anything unforeseen (or this task's cancellation at shutdown): no caller may wait forever for an
+            # outcome. Their futures fail; Bill retries settlements, which are exactly-once in SQL.
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("ledger batch stopped"))
+            raise
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller gave up; its outcome is durable all the same
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _outcomes(self, items: list[Item]) -> Sequence[Out | BaseException]:
+        outcomes: Sequence[Out | BaseException]
+        try:
             outcomes = await self._run_batch(items) if len(items) > 1 else [await self._run_one(items[0])]
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, BillingError) as exc:
             if len(items) == 1:
@@ -114,13 +132,7 @@ class _Queue(Generic[Item, Out]):
                             self.name, len(items), exc)
                 outcomes = await asyncio.gather(*(self._run_one(item) for item in items),
                                                 return_exceptions=True)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # the caller gave up; its outcome is durable all the same
-                continue
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        return outcomes
 
     async def close(self) -> None:
         """Wait for every queued and running batch (called at shutdown, before the pool closes)."""
@@ -192,7 +204,7 @@ class LedgerBatcher:
         rows = await self._pool.fetch(
             _SETTLE_BATCH, [c.request_id for c in ordered], [c.actual_micros for c in ordered],
             [c.estimated for c in ordered],
-            [None if c.record is None else json.dumps(c.record) for c in ordered])
+            [None if c.record is None else db.to_json(c.record) for c in ordered])
         by_n = {row["n"]: row for row in rows}
         out: list[Resolution | Exception] = [ValueError("no outcome")] * len(charges)
         for n, i in enumerate(order, start=1):

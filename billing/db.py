@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,24 @@ def embedded_database_url(data_dir: Path) -> str:
     return str(server.get_uri())
 
 
+# A JSON escape of U+0000 preceded by an even number of backslashes (an odd number would make it literal text).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def to_json(value: Any) -> str:
+    """JSON text for a jsonb value. PostgreSQL cannot store U+0000 in jsonb (or text), and a request record
+    must never be able to abort the settlement it rides with, so NUL characters are dropped."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _NUL_ESCAPE.sub(r"\1", text) if "\\u0000" in text else text
+
+
+def clean_text(value: str) -> str:
+    """`value` without NUL characters, which PostgreSQL text cannot hold."""
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=to_json, decoder=json.loads, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

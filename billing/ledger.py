@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from billing.db import clean_text
 from billing.errors import (
     AccountNotFound,
     DuplicateRequest,
@@ -160,9 +161,12 @@ async def settle(
     counts as overrun), so a charge is never lost.
     """
     check_charge(actual_micros)
-    row = await conn.fetchrow(
-        "SELECT * FROM meterline_settle($1, $2, $3, $4)", request_id, actual_micros, estimated, record
-    )
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM meterline_settle($1, $2, $3, $4)", request_id, actual_micros, estimated, record
+        )
+    except asyncpg.NumericValueOutOfRangeError:
+        raise InvalidAmount("this charge would take the account past the range of a 64-bit integer") from None
     return resolution(row, request_id)
 
 
@@ -170,7 +174,8 @@ async def void(
     conn: Executor, *, request_id: str, reason: str, record: dict[str, Any] | None = None
 ) -> Resolution:
     """Release the held request's whole hold without charging, exactly once."""
-    row = await conn.fetchrow("SELECT * FROM meterline_void($1, $2, $3)", request_id, reason, record)
+    # The reason is often an upstream's error text: it must not be able to abort the void.
+    row = await conn.fetchrow("SELECT * FROM meterline_void($1, $2, $3)", request_id, clean_text(reason), record)
     return resolution(row, request_id)
 
 

@@ -9,7 +9,7 @@ whole micro (costs are never negative, so half-up and half-away-from-zero agree)
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 from typing import NewType
 
 from billing.errors import InvalidAmount
@@ -37,7 +37,10 @@ def usd_to_micros(text: str) -> int:
         raise InvalidAmount(f"amount_usd {text!r} is not a decimal number") from None
     if not value.is_finite():
         raise InvalidAmount(f"amount_usd {text!r} is not a finite number")
-    micros = value * MICROS_PER_USD
+    try:
+        micros = value * MICROS_PER_USD
+    except DecimalException:  # an exponent past what Decimal's context can hold
+        raise InvalidAmount(f"amount_usd {text!r} is outside the range of a 64-bit integer") from None
     if micros != micros.to_integral_value():
         raise InvalidAmount(f"amount_usd {text!r} is finer than one micro (0.000001 USD)")
     result = int(micros)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
@@ -18,7 +18,14 @@ from gateway.render import json_response
 
 routes = web.RouteTableDef()
 
-Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_no_nul)]
+Name = Annotated[Text, Field(min_length=1, max_length=200)]
 Micros = Annotated[StrictInt, Field(ge=-MAX_MICROS, le=MAX_MICROS)]
 
 
@@ -64,11 +71,11 @@ class Amount(_Body):
 
 
 class Topup(Amount):
-    description: Annotated[StrictStr, Field(max_length=1000)] | None = None
+    description: Annotated[Text, Field(max_length=1000)] | None = None
 
 
 class Adjustment(Amount):
-    reason: Annotated[StrictStr, Field(min_length=1, max_length=1000)]
+    reason: Annotated[Text, Field(min_length=1, max_length=1000)]
 
 
 def render_account(row: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,8 @@ async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(answer, dict):
         answer = {}
     status = answer.get("status")
+    if not isinstance(status, str):
+        status = None  # an upstream's malformed status counts as no news
     if status == "completed":
         return await videos.complete(app[POOL], job["id"], output=answer, record=record(job, "completed"))
     if status in _FAILED:

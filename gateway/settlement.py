@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import asyncpg
 from aiohttp import web
 
 from billing import ledger
-from billing.errors import BillingError, UnknownHold
+from billing.errors import BillingError, DuplicateRequest, UnknownHold
 from billing.ledger import Reservation, Resolution
 from gateway.keys import LEDGER, POOL, SETTINGS, SETTLING
 
@@ -47,6 +48,22 @@ def _finished(task: asyncio.Task[Any]) -> None:
 async def shielded(app: web.Application, coro: Coroutine[Any, Any, T], name: str) -> T:
     """Await `coro` in an owned task: cancelling the caller does not cancel the work."""
     return await asyncio.shield(own(app, coro, name))
+
+
+_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+async def durably(call: Callable[[], Awaitable[T]]) -> T:
+    """Run a settle or void until the database answers. Both are exactly-once in SQL (a repeat returns the stored
+    outcome), so retrying after a lost connection or a deadlock can never charge twice, while giving up would
+    leave the hold to expire uncharged. A billing answer (UnknownHold, ...) is final and raised at once."""
+    for delay in _RETRY_DELAYS:
+        try:
+            return await call()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("ledger call failed (%s); retrying in %.2fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+    return await call()
 
 
 class Bill:
@@ -81,9 +98,17 @@ class Bill:
         ), f"reserve {self.request_id}")
         try:
             self.reservation = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            own(self.app, self._void_after(task), f"void {self.request_id}")
+        except BillingError as exc:
+            if not isinstance(exc, DuplicateRequest):
+                raise  # a refusal: no hold was made
+            # Only a retry after a commit whose answer was lost meets its own hold: end it.
             self._resolving = True
+            own(self.app, self._void_after(task), f"void {self.request_id}")
+            raise
+        except BaseException:
+            # Cancelled, or the database failed: the hold may exist (an error can follow the commit). End it.
+            self._resolving = True
+            own(self.app, self._void_after(task), f"void {self.request_id}")
             raise
         return self.reservation
 
@@ -92,27 +117,28 @@ class Bill:
         # arrive after the commit. Void it if it does.
         await asyncio.wait([task])
         with contextlib.suppress(UnknownHold):  # the reservation never made a hold
-            await ledger.void(self.app[POOL], request_id=self.request_id, reason="cancelled",
-                              record={**self.record, "status": "cancelled", "error_code": "CANCELLED"})
+            await durably(lambda: ledger.void(
+                self.app[POOL], request_id=self.request_id, reason="cancelled",
+                record={**self.record, "status": "cancelled", "error_code": "CANCELLED"}))
 
     async def settle(self, *, actual_micros: int, estimated: bool, record: dict[str, Any]) -> Resolution | None:
         if self._resolving:
             return self.resolution
         self._resolving = True
         # Group-committed with concurrent settlements; the account only orders the batch's row locks.
-        self.resolution = await shielded(self.app, self.app[LEDGER].settle(
+        self.resolution = await shielded(self.app, durably(lambda: self.app[LEDGER].settle(
             request_id=self.request_id, account_id=self.account_id or "", actual_micros=actual_micros,
             estimated=estimated, record={**self.record, **record},
-        ), f"settle {self.request_id}")
+        )), f"settle {self.request_id}")
         return self.resolution
 
     async def void(self, *, reason: str, record: dict[str, Any]) -> Resolution | None:
         if self._resolving:
             return self.resolution
         self._resolving = True
-        self.resolution = await shielded(self.app, ledger.void(
+        self.resolution = await shielded(self.app, durably(lambda: ledger.void(
             self.app[POOL], request_id=self.request_id, reason=reason, record={**self.record, **record},
-        ), f"void {self.request_id}")
+        )), f"void {self.request_id}")
         return self.resolution
 
     def void_soon(self, *, reason: str, record: dict[str, Any]) -> None:
@@ -120,8 +146,8 @@ class Bill:
         if self.resolved or self.reservation is None:
             return
         self._resolving = True
-        own(self.app, ledger.void(self.app[POOL], request_id=self.request_id, reason=reason,
-                                  record={**self.record, **record}), f"void {self.request_id}")
+        own(self.app, durably(lambda: ledger.void(self.app[POOL], request_id=self.request_id, reason=reason,
+                                                  record={**self.record, **record})), f"void {self.request_id}")
 
 
 async def settling_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -23,7 +23,13 @@ def spawn(app: web.Application, name: str, coro: Awaitable[None]) -> asyncio.Tas
     task = asyncio.create_task(run(), name=name)
     app[TASKS].add(task)
     task.add_done_callback(app[TASKS].discard)
+    task.add_done_callback(_ended)
     return task
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s stopped", task.get_name(), exc_info=exc)
 
 
 async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
@@ -35,6 +41,11 @@ async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str
             await step()
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             log.warning("%s failed; retrying in about %.1fs", what, seconds, exc_info=True)
+        except Exception:
+            # A supervisor loop: the sweeper and the video poller are what settle and expire holds nobody else
+            # will, so a bug met on one tick (an upstream's odd answer) must be logged, not end the loop.
+            # CancelledError is a BaseException and still stops it.
+            log.exception("%s failed unexpectedly; retrying in about %.1fs", what, seconds)
 
 
 async def sweep_expired_holds(app: web.Application) -> None:

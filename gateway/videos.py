@@ -130,7 +130,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         if not isinstance(upstream_id, str) or not upstream_id:
             raise UpstreamError(502, "UPSTREAM_ERROR", "The upstream accepted the video without an id",
                                 upstream_status=200)
-        status = answer.get("status")
+        status = answer.get("status") if isinstance(answer.get("status"), str) else None
         started = await videos.started(
             app[POOL], job["id"], upstream_id=upstream_id,
             status=status if status in videos.UNFINISHED else "queued", progress=progress_of(answer, 0),

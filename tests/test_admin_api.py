@@ -128,9 +128,11 @@ async def test_the_same_amount_in_usd_or_micros_is_the_same_request(client: Test
         ({}, None),
         ({"amount_micros": 1, "amount_usd": "1"}, None),
         ({"amount_micros": 1, "colour": "red"}, "colour"),
+        ({"amount_micros": 1, "description": "a\u0000b"}, "description"),
+        ({"amount_usd": "1e100000000"}, None),
     ],
     ids=["zero", "negative", "past-2^63", "string-micros", "float-micros", "sub-micro-usd", "not-a-number",
-         "huge-usd", "no-amount", "both-amounts", "unknown-field"],
+         "huge-usd", "no-amount", "both-amounts", "unknown-field", "nul-in-text", "overflowing-usd"],
 )
 async def test_bad_topups_are_400_naming_the_problem(
     client: TestClient, pool: asyncpg.Pool, body: dict[str, Any], param: str | None

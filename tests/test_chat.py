@@ -67,6 +67,24 @@ async def test_sdk_call_is_charged_the_upstream_usage_to_the_micro(
     assert record["hold_micros"] == expected_hold(MESSAGES, 1_000)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+async def test_a_nul_in_the_user_field_cannot_escape_the_charge(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, stream: bool
+) -> None:
+    """PostgreSQL cannot store U+0000; a record carrying one must still be settled (the NUL is dropped)."""
+    openrouter.prompt_tokens, openrouter.completion_tokens = 100, 10
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await chat_client.post("/v1/chat/completions", headers=auth(secret), json={
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 50, "user": "a\u0000b", "stream": stream})
+    assert resp.status == 200
+    await resp.read()
+    [hold] = await settled(pool, account_id)
+    assert hold["state"] == "settled"
+    assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(100, 10), 0)
+    assert (await request_record(pool, hold["request_id"]))["user"] == "ab"
+    assert await verify(pool) == []
+
+
 async def test_openrouter_prefix_is_the_same_model_at_the_same_price(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:

@@ -136,10 +136,30 @@ async def test_a_charge_after_expiry_is_still_posted_in_full(pool: asyncpg.Pool)
     await ledger.reserve(pool, request_id=rid, account_id=account, amount_micros=2_000, ttl_seconds=0.05)
     await asyncio.sleep(0.1)
     assert await ledger.sweep(pool) == 1
+    expired_at = await pool.fetchval("SELECT resolved_at FROM holds WHERE request_id = $1", rid)
     late = await ledger.settle(pool, request_id=rid, actual_micros=1_500)
     assert (late.state, late.actual_micros, late.overrun_micros) == ("settled", 1_500, 1_500)
-    assert await pool.fetchval("SELECT expired_first FROM holds WHERE request_id = $1", rid) is True
+    row = await pool.fetchrow("SELECT expired_first, resolved_at FROM holds WHERE request_id = $1", rid)
+    # It stopped being held when it expired (statements read "held at close" from this); the charge is dated
+    # by its transfer.
+    assert (row["expired_first"], row["resolved_at"]) == (True, expired_at)
     assert await ledger.available_micros(pool, account) == 8_500
+    assert await verify(pool) == []
+
+
+async def test_the_sweeper_never_waits_for_an_account_a_settlement_holds(pool: asyncpg.Pool) -> None:
+    """A batched settlement locks an account, then wants a hold the sweeper has locked: if the sweeper waited
+    for the account, the two would deadlock. It skips the account and expires the hold on a later sweep."""
+    account = await make_account(pool, balance_micros=10_000)
+    await ledger.reserve(pool, request_id="req_live", account_id=account, amount_micros=100, ttl_seconds=60)
+    await ledger.reserve(pool, request_id="req_old", account_id=account, amount_micros=200, ttl_seconds=0.01)
+    await asyncio.sleep(0.05)
+    async with pool.acquire() as settling, settling.transaction():
+        await ledger.settle(settling, request_id="req_live", actual_micros=50)  # holds the account's row lock
+        assert await asyncio.wait_for(ledger.sweep(pool), timeout=10) == 0
+    assert await ledger.sweep(pool) == 1
+    assert await pool.fetchval("SELECT state FROM holds WHERE request_id = 'req_old'") == "expired"
+    assert await ledger.available_micros(pool, account) == 9_950
     assert await verify(pool) == []
 
 
