@@ -154,6 +154,8 @@ def usd_to_micros_rounded(value: object) -> int | None:
         return None
     if not exact.is_finite() or exact < 0:
         return None
+    if exact.adjusted() > 12:  # past $1e12 it is capped anyway; a huge exponent would stall the event loop
+        return MAX_MICROS
     micros = Fraction(exact) * _MICROS_PER_USD
     return min(round_half_up(micros.numerator, micros.denominator), MAX_MICROS)
 

@@ -133,7 +133,8 @@ class StreamRelay:
         if error is None:
             return
         message = error.get("message") if isinstance(error, dict) else error
-        self.failure = ApiError(502, "UPSTREAM_ERROR", str(message or "The upstream failed mid-stream"),
+        self.failure = ApiError(502, "UPSTREAM_ERROR",
+                                self.opened.upstream.redact(str(message or "The upstream failed mid-stream")),
                                 type="upstream_error")
 
     def finish_owned(self, app: web.Application) -> asyncio.Task[None]:

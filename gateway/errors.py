@@ -101,6 +101,9 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LA
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if "%00" in request.raw_path:
+        # PostgreSQL text cannot hold NUL: refuse it here rather than let it reach a query as an id or filter.
+        return invalid("The request path or query contains a NUL character (%00)").response()
     try:
         return await handler(request)
     except ApiError as exc:
@@ -109,6 +112,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return from_billing(exc).response()
     except ValidationError as exc:
         return from_validation(exc).response()
+    except RecursionError:
+        # JSON nested deeper than Python's recursion allows, in a body or in content we walk to count tokens.
+        return invalid("The request is nested too deeply").response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

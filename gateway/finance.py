@@ -76,8 +76,11 @@ async def export(request: web.Request) -> web.StreamResponse:
         chunks = exports.export_chunks(conn, kind, fmt=fmt, start=start, end=end, account_id=account_id)
         async with aclosing(chunks):
             await response.prepare(request)
-            async for text, _rows in chunks:
-                await response.write(text.encode())
+            try:
+                async for text, _rows in chunks:
+                    await response.write(text.encode())
+            except ConnectionError:
+                return response  # the client left mid-export; the cursor is closed with the transaction
     await response.write_eof()
     return response
 

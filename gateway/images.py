@@ -42,7 +42,7 @@ Send = Callable[[Upstream], Awaitable[Any]]
 def _n(value: object) -> int:
     if value is None:
         return 1
-    if isinstance(value, str) and value.strip().isdigit():  # multipart fields are text
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():  # multipart fields are text
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid("n: must be an integer", "n")
@@ -162,7 +162,9 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
         answer, returned = _returned(await send(upstream))
         charge = quote.charge_micros(returned)
         record["quantity"] = min(returned, quote.n)
-        outcome = {**answer, "metadata": {**(answer.get("metadata") or {}), "cost_micros": charge,
+        metadata = answer.get("metadata")
+        extra: dict[str, Any] = metadata if isinstance(metadata, dict) else {}
+        outcome = {**answer, "metadata": {**extra, "cost_micros": charge,
                                           "cost": usd_number(charge), "request_id": request_id}}
     except UpstreamError as exc:
         failure = exc.message

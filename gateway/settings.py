@@ -84,12 +84,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _holds_outlast_calls(self) -> Settings:
-        # A hold that expired while its call was still running would let the balance be spent twice.
-        text = self.upstreams.get(self.text_upstream)
-        longest = (text.timeout_seconds if text else 0) + self.drain_seconds
+        # A hold that expired while its call was still running would let the balance be spent twice (and an
+        # image Idempotency-Key claim is taken over once older than a hold's lifetime). Every upstream counts.
+        timeouts = {name: up.timeout_seconds for name, up in self.upstreams.items()}
+        slowest = max(timeouts, key=timeouts.__getitem__, default=None)
+        longest = (timeouts[slowest] if slowest else 0) + self.drain_seconds
         if self.hold_ttl_seconds <= longest:
-            raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the text upstream's "
-                             f"timeout_seconds plus drain_seconds ({longest:g})")
+            raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the slowest upstream's "
+                             f"timeout_seconds ({slowest}) plus drain_seconds ({longest:g})")
         return self
 
     @field_validator("database_url")

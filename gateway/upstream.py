@@ -156,7 +156,7 @@ class UpstreamResponse:
         body = await self.read()
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise UpstreamError(502, "UPSTREAM_ERROR",
                                 f"The upstream {self.upstream.name} sent a malformed response",
                                 upstream_status=self.status) from None

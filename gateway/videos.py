@@ -212,6 +212,8 @@ async def content(request: web.Request) -> web.StreamResponse:
             # truncated download (the Content-Length promised more).
             log.warning("video %s content broke off upstream", job["id"])
             return response
+        except ConnectionError:
+            return response  # the client left mid-download: nothing more to send, nothing to bill
         await response.write_eof()
         return response
 

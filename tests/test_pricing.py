@@ -87,8 +87,9 @@ def test_unusable_upstream_prices_are_refused(text: object) -> None:
 
 @pytest.mark.parametrize(("value", "micros"), [
     (0.000123, 123), ("0.0000125", 13), (0.0000124999, 12), (2, 2_000_000), (0, 0), (None, None),
-    (-0.5, None), ("x", None), (True, None),
-], ids=["float", "half-up", "below-half", "int", "zero", "absent", "negative", "text", "bool"])
+    (-0.5, None), ("x", None), (True, None), ("1e100000000", 2**63 - 1), ("999999999999", 999999999999_000_000),
+], ids=["float", "half-up", "below-half", "int", "zero", "absent", "negative", "text", "bool", "huge-exponent",
+        "largest-exact"])
 def test_upstream_reported_usd_to_micros(value: object, micros: int | None) -> None:
     assert pricing.usd_to_micros_rounded(value) == micros
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from billing import ledger
 from billing.verify import verify
 from tests.conftest import admin_headers
-from tests.factories import make_account, request_id
+from tests.factories import make_account, make_customer, request_id
 
 
 async def test_health_and_readiness(client: TestClient) -> None:
@@ -81,3 +82,26 @@ async def test_no_admin_body_produces_a_500(client: TestClient, pool: asyncpg.Po
     await asyncio.to_thread(run_in_thread)
     assert 400 in statuses
     assert await verify(pool) == []
+
+
+@pytest.mark.parametrize("path", [
+    "/admin/accounts/a%00b", "/admin/accounts?cursor=a%00", "/v1/requests/req_%00", "/v1/requests?model=a%00b",
+], ids=["admin-id", "admin-cursor", "request-id", "request-filter"])
+async def test_a_nul_in_the_path_or_query_is_a_400(client: TestClient, pool: asyncpg.Pool, path: str) -> None:
+    _, secret = await make_customer(pool)
+    headers = admin_headers() if path.startswith("/admin") else {"Authorization": f"Bearer {secret}"}
+    resp = await client.get(path, headers=headers)
+    assert (resp.status, (await resp.json())["error"]["code"]) == (400, "INVALID_REQUEST")
+
+
+@pytest.mark.parametrize("path", ["/admin/accounts", "/v1/chat/completions"], ids=["admin", "chat"])
+async def test_a_body_nested_too_deeply_is_a_400(client: TestClient, pool: asyncpg.Pool, path: str) -> None:
+    _, secret = await make_customer(pool, balance_micros=1_000_000)
+    headers = admin_headers() if path.startswith("/admin") else {"Authorization": f"Bearer {secret}"}
+    nested = "[" * 100_000 + "]" * 100_000
+    body = nested if path.startswith("/admin") else (
+        '{"model": "google/gemini-3-flash-preview", "messages": [{"role": "user", "content": '
+        + "[" * 5_000 + "]" * 5_000 + "}]}")
+    resp = await client.post(path, data=body, headers={**headers, "Content-Type": "application/json"})
+    assert (resp.status, (await resp.json())["error"]["code"]) == (400, "INVALID_REQUEST")
+    assert await pool.fetchval("SELECT count(*) FROM holds") == 0

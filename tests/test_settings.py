@@ -50,6 +50,16 @@ def test_a_bad_setting_fails_naming_it(
         load_settings(config=ROOT / "config" / "meterline.toml")
 
 
+@pytest.mark.parametrize("upstream", ["OPENROUTER", "MEDIA"])
+def test_holds_must_outlast_every_upstreams_timeout(monkeypatch: pytest.MonkeyPatch, upstream: str) -> None:
+    monkeypatch.setenv(f"METERLINE_UPSTREAMS__{upstream}__TIMEOUT_SECONDS", "2000")
+    with pytest.raises(SettingsError, match=rf"hold_ttl_seconds \(900\) must exceed the slowest upstream's "
+                                            rf"timeout_seconds \({upstream.lower()}\) plus drain_seconds \(2030\)"):
+        load_settings(config=ROOT / "config" / "meterline.toml")
+    monkeypatch.setenv("METERLINE_HOLD_TTL_SECONDS", "2100")
+    assert load_settings(config=ROOT / "config" / "meterline.toml").hold_ttl_seconds == 2100
+
+
 def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "m.toml"
     config.write_text('port = 8080\nsweep_intervall_seconds = 3\n')
