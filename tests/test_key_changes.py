@@ -13,7 +13,7 @@ from billing import db, keys
 from tests.factories import make_account
 
 
-async def _until(condition: object, within: float = 3.0) -> None:
+async def _until(condition: object, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -41,11 +41,19 @@ async def other_process(database_url: str) -> AsyncIterator[tuple[keys.KeyStore,
 
 
 async def test_a_cached_key_is_served_without_the_database_while_listening(
-    pool: asyncpg.Pool, other_process: tuple[keys.KeyStore, asyncpg.Pool, list[int]]
+    pool: asyncpg.Pool, other_process: tuple[keys.KeyStore, asyncpg.Pool, list[int]], database_url: str
 ) -> None:
     store, other_pool, _ = other_process
-    _, secret = await keys.create_key(pool, account_id=await make_account(pool), name=None)
-    await asyncio.sleep(0.1)  # the new key's own announcement evicts it (harmlessly) when it arrives
+    heard: list[str] = []
+    probe = await db.connect(database_url)
+    try:
+        await probe.add_listener(keys.KEY_CHANNEL, lambda _c, _p, _ch, payload: heard.append(payload))
+        _, secret = await keys.create_key(pool, account_id=await make_account(pool), name=None)
+        # The new key's own announcement evicts it (harmlessly) when it arrives: let it arrive before caching.
+        await _until(lambda: heard)
+        await asyncio.sleep(0.2)  # the store's listener got the same notification; give it time to act on it
+    finally:
+        await probe.close()
     assert await store.authenticate(secret) is not None
     await asyncio.sleep(0.3)  # past the short TTL
     other_pool.terminate()  # any read now would fail: the answer must come from the cache

@@ -402,11 +402,14 @@ async def test_a_killed_process_loses_nothing_the_next_one_settles_its_job(
     assert await verify(pool) == []
 
 
-@pytest.mark.parametrize("video_id", ["video_%00", "x" * 500, "video_does_not_exist"],
-                         ids=["nul", "long", "unknown"])
-async def test_odd_video_ids_are_404(api: TestClient, customer: tuple[str, str], video_id: str) -> None:
+@pytest.mark.parametrize(("video_id", "status", "code"), [
+    ("video_%00", 400, "INVALID_REQUEST"), ("x" * 500, 404, "NOT_FOUND"), ("video_does_not_exist", 404, "NOT_FOUND"),
+], ids=["nul", "long", "unknown"])
+async def test_odd_video_ids_are_refused(
+    api: TestClient, customer: tuple[str, str], video_id: str, status: int, code: str
+) -> None:
     resp = await api.get(f"/v1/videos/{video_id}", headers=auth(customer[1]))
-    assert (resp.status, (await resp.json())["error"]["code"]) == (404, "NOT_FOUND")
+    assert (resp.status, (await resp.json())["error"]["code"]) == (status, code)
 
 
 async def test_models_list_media_prices_in_integer_micros(api: TestClient, customer: tuple[str, str]) -> None:
