@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from billing.errors import InvalidAmount, KeyNotFound
 from billing.ledger import Executor
 
@@ -49,7 +51,21 @@ async def set_key_limits(conn: Executor, key_id: str, changes: dict[str, Any]) -
     the ledger in the same statement, so a limit set mid-month counts what the key already spent this month.
     """
     check_limits(changes)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as connection:
+            return await set_key_limits(connection, key_id, changes)
     spend_changed = "limit_micros" in changes or "limit_reset" in changes
+    async with conn.transaction():
+        if spend_changed:
+            # Lock the key's account first, the order every money path takes: settlements in flight on it
+            # commit before the recount, which (a new statement, so a fresh snapshot) then counts their charges;
+            # later ones wait for this limit and add to it.
+            await conn.execute("SELECT 1 FROM accounts a JOIN api_keys k ON k.account_id = a.id"
+                               " WHERE k.id = $1 FOR UPDATE OF a", key_id)
+        return await _apply_limits(conn, key_id, changes, spend_changed)
+
+
+async def _apply_limits(conn: Executor, key_id: str, changes: dict[str, Any], spend_changed: bool) -> dict[str, Any]:
     row = await conn.fetchrow(
         f"""
         WITH new AS (

@@ -234,3 +234,27 @@ async def test_patch_of_an_unknown_key_is_404(client: TestClient) -> None:
     resp = await client.patch("/admin/keys/key_nope", headers=admin_headers(), json={"limit_micros": 1})
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "NOT_FOUND"
+
+
+async def test_a_limit_set_while_a_charge_is_committing_counts_that_charge(pool: asyncpg.Pool) -> None:
+    """The limit's recount of the window's spend must see a settlement that commits while it runs: it waits
+    for the key's account, then counts with a fresh snapshot."""
+    account = await make_account(pool, balance_micros=100_000)
+    key_id = await _limited_key(pool, account, 10_000, "daily")
+    rid = request_id()
+    await ledger.reserve(pool, request_id=rid, account_id=account, amount_micros=1_000, ttl_seconds=60,
+                         key_id=key_id)
+    async with pool.acquire() as settling:
+        transaction = settling.transaction()
+        await transaction.start()
+        await ledger.settle(settling, request_id=rid, actual_micros=500)
+        change = asyncio.ensure_future(limits.set_key_limits(pool, key_id, {"limit_micros": 800}))
+        await asyncio.sleep(0.2)  # the change is now waiting for the account the settlement holds
+        assert not change.done()
+        await transaction.commit()
+        await asyncio.wait_for(change, timeout=10)
+    spent = await pool.fetchval("SELECT window_spent_micros FROM api_keys WHERE id = $1", key_id)
+    assert spent == 500
+    status = await limits.key_status(pool, key_id)
+    assert status["limit_remaining_micros"] == 300
+    assert await verify(pool) == []
