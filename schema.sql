@@ -12,6 +12,13 @@
 --     expired), plus one late move expired -> settled so that a charge that completes after its hold expired is
 --     still posted. Every move is a conditional UPDATE on the locked hold row, so it happens once.
 
+-- Which schema.sql text was last applied (its SHA-256): a process starting on a current schema skips it.
+CREATE TABLE IF NOT EXISTS meterline_schema (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    digest     text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE IF NOT EXISTS accounts (
     id             text PRIMARY KEY,
     kind           text NOT NULL CHECK (kind IN ('customer', 'revenue', 'funding', 'adjustments')),

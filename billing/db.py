@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -74,12 +75,26 @@ async def connect(url: str) -> asyncpg.Connection:
     return conn
 
 
-async def apply_schema(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql; harmless to repeat, and serialised so that several processes may start at once."""
+async def apply_schema(conn: asyncpg.Connection, *, force: bool = False) -> bool:
+    """Apply schema.sql unless this exact text was applied already (or `force`); returns whether it ran.
+
+    Serialised by an advisory lock so that several processes may start at once. Skipping a current schema
+    matters: re-running it takes exclusive table locks (DROP TRIGGER, ALTER TABLE), so a gateway starting while
+    a long export reads `transfers` would otherwise stall every settlement until the export ends.
+    """
     sql = SCHEMA_PATH.read_text(encoding="utf-8")
+    digest = hashlib.sha256(sql.encode()).hexdigest()
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        if (not force and await conn.fetchval("SELECT to_regclass('meterline_schema') IS NOT NULL")
+                and await conn.fetchval("SELECT digest FROM meterline_schema") == digest):
+            return False
         await conn.execute(sql)
+        await conn.execute(
+            "INSERT INTO meterline_schema (id, digest) VALUES (true, $1)"
+            " ON CONFLICT (id) DO UPDATE SET digest = excluded.digest, applied_at = now()", digest
+        )
+    return True
 
 
 async def reset(conn: asyncpg.Connection) -> None:

@@ -58,7 +58,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(_with_db(settings, lambda conn: asyncio.sleep(0)))
+    # An explicit migrate always runs schema.sql (every statement in it is idempotent); starts skip a current one.
+    asyncio.run(_with_db(settings, lambda conn: db.apply_schema(conn, force=True)))
     print("schema applied")
     return 0
 
