@@ -206,7 +206,7 @@ class Posting:
             "balance_micros": self.balance_after_micros,
             "held_micros": self.held_micros,
             "available_micros": self.balance_after_micros - self.held_micros,
-            "created_at": self.created_at.isoformat(),
+            "created_at": self.created_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),  # as every response
         }
 
 

@@ -91,6 +91,7 @@ async def test_ten_concurrent_topups_with_one_key_credit_once(client: TestClient
     bodies = [body for _, body in results]
     assert all(body == bodies[0] for body in bodies)
     assert bodies[0]["balance_micros"] == 12_500_000
+    assert bodies[0]["created_at"].endswith("Z")
     assert await pool.fetchval("SELECT count(*) FROM transfers WHERE kind = 'topup'") == 1
     account_row = await (await client.get(f"/admin/accounts/{account}", headers=ADMIN)).json()
     assert account_row["balance_micros"] == 12_500_000
