@@ -97,6 +97,11 @@ async def apply_schema(conn: asyncpg.Connection, *, force: bool = False) -> bool
     return True
 
 
+async def ping(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    """A round trip to the database (readiness)."""
+    await conn.fetchval("SELECT 1")
+
+
 async def reset(conn: asyncpg.Connection) -> None:
     """Empty every table and restore the seed rows (tests use this between cases)."""
     tables = await conn.fetchval(

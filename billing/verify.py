@@ -33,6 +33,14 @@ _CHECKS: dict[str, str] = {
                       WHERE state = 'pending' GROUP BY 1) h ON h.account_id = a.id
          WHERE a.kind = 'customer' AND a.held_micros <> COALESCE(h.total, 0)
     """,
+    "key-holds": """
+        SELECT format('key %s caches %s micros held but its pending limited holds sum to %s',
+                      k.id, k.held_micros, COALESCE(h.total, 0)) AS problem
+          FROM api_keys k
+          LEFT JOIN (SELECT key_id, sum(amount_micros) AS total FROM holds
+                      WHERE state = 'pending' AND key_limited GROUP BY 1) h ON h.key_id = k.id
+         WHERE k.held_micros <> COALESCE(h.total, 0)
+    """,
     "stale-holds": """
         SELECT format('hold %s is still pending %s after its expiry',
                       request_id, date_trunc('second', now() - expires_at)) AS problem

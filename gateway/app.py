@@ -62,7 +62,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), timeout=2)
+        await asyncio.wait_for(db.ping(request.app[POOL]), timeout=2)
         checks["database"] = "ok"
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -41,3 +42,21 @@ def query_int(request: web.Request, name: str, *, default: int, low: int, high: 
     if not low <= value <= high:
         raise invalid(f"{name} must be between {low} and {high}", name)
     return value
+
+
+_TRUE = frozenset({"true", "1"})
+_FALSE = frozenset({"false", "0", ""})
+
+
+def dry_run(query: Mapping[str, str]) -> bool:
+    """`?dryRun=true` asks for an estimate only (every POST that bills); anything but a clear true/false is
+    refused rather than guessed."""
+    raw = query.get("dryRun")
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise invalid(f"dryRun must be true or false, got {raw!r}", "dryRun")

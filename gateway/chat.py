@@ -20,8 +20,8 @@ from billing.catalog import CatalogEntry
 from billing.pricing import TokenPrices
 from gateway import models_api, upstream
 from gateway.auth import requires_key
-from gateway.bodies import read_json_object
-from gateway.chat_request import ChatRequest, dry_run, parse_chat, upstream_body
+from gateway.bodies import dry_run, read_json_object
+from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_record
 from gateway.consumer import CONSUMER_PREFIXES

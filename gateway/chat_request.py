@@ -7,14 +7,11 @@ only affords a smaller answer, the output limit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import invalid
 
-_TRUE = frozenset({"true", "1"})
-_FALSE = frozenset({"false", "0", ""})
 _OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens")
 _MAX_CHOICES = 128
 
@@ -30,18 +27,6 @@ class ChatRequest:
     n: int
     user: str | None
     tools: Any
-
-
-def dry_run(query: Mapping[str, str]) -> bool:
-    raw = query.get("dryRun")
-    if raw is None:
-        return False
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise invalid(f"dryRun must be true or false, got {raw!r}", "dryRun")
 
 
 def _positive_int(body: dict[str, Any], name: str, *, high: int | None = None) -> int | None:

@@ -21,7 +21,7 @@ from billing import media_idempotency as idem
 from billing.accounts import new_id
 from billing.catalog_config import ImageModelConfig
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
-from gateway import media, settlement
+from gateway import bodies, media, settlement
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
@@ -65,7 +65,7 @@ def _priced_fields(body: dict[str, Any], quote: ImageQuote) -> dict[str, str]:
 
 @requires_key
 async def generations(request: web.Request) -> web.Response:
-    dry = media.dry_run(request)
+    dry = bodies.dry_run(request.query)
     body = await read_json_object(request)
     model, entry = media.media_entry(request, body.get("model"), ImageModelConfig)
     media.required_prompt(body)
@@ -89,7 +89,7 @@ async def generations(request: web.Request) -> web.Response:
 
 @requires_key
 async def edits(request: web.Request) -> web.Response:
-    dry = media.dry_run(request)
+    dry = bodies.dry_run(request.query)
     form = await read_form(request, max_bytes=request.app[SETTINGS].max_upload_bytes)
     try:
         body = form.as_dict()

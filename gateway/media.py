@@ -22,16 +22,6 @@ DEFAULT_UPSTREAM = "media"
 _MAX_IDEMPOTENCY_KEY = 255
 
 
-def dry_run(request: web.Request) -> bool:
-    """`?dryRun=true` asks for an estimate only; anything but true/false is refused rather than guessed."""
-    raw = request.query.get("dryRun")
-    if raw is None or raw.lower() == "false":
-        return False
-    if raw.lower() == "true":
-        return True
-    raise invalid(f"dryRun must be true or false, got {raw!r}", "dryRun")
-
-
 def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:

@@ -40,9 +40,6 @@ class Form:
     digest: bytes = b""
     size: int = 0
 
-    def first(self, name: str) -> str | None:
-        return next((value for key, value in self.fields if key == name), None)
-
     def as_dict(self) -> dict[str, Any]:
         """The text fields as a JSON-like mapping (the last value of a repeated name wins)."""
         return dict(self.fields)

@@ -14,11 +14,11 @@ from billing import limits, requests_log
 from billing.money import format_usd
 from gateway.auth import requires_key
 from gateway.bodies import query_int
+from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import invalid, not_found
 from gateway.keys import API_KEY, POOL
 from gateway.render import json_response
 
-PREFIXES = ("/v1", "/openai/v1")
 _MAX_FILTER = 200
 
 
@@ -156,7 +156,7 @@ async def current_key(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    for prefix in PREFIXES:
+    for prefix in CONSUMER_PREFIXES:
         app.router.add_get(f"{prefix}/requests", list_requests)
         app.router.add_get(f"{prefix}/requests/{{request_id}}", get_request)
         app.router.add_get(f"{prefix}/key", current_key)

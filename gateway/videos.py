@@ -19,7 +19,7 @@ from billing import ledger, videos
 from billing import media_idempotency as idem
 from billing.catalog_config import VideoModelConfig
 from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
-from gateway import media, settlement
+from gateway import bodies, media, settlement
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
@@ -85,7 +85,7 @@ def _quote(entry: VideoModelConfig, model: str, body: dict[str, Any]) -> VideoQu
 
 @requires_key
 async def create(request: web.Request) -> web.Response:
-    dry = media.dry_run(request)
+    dry = bodies.dry_run(request.query)
     body, form, fingerprint = await _read_body(request)
     try:
         model, entry = media.media_entry(request, body.get("model"), VideoModelConfig)

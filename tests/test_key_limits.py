@@ -258,3 +258,14 @@ async def test_a_limit_set_while_a_charge_is_committing_counts_that_charge(pool:
     status = await limits.key_status(pool, key_id)
     assert status["limit_remaining_micros"] == 300
     assert await verify(pool) == []
+
+
+async def test_verify_names_a_key_whose_cached_holds_drifted(pool: asyncpg.Pool) -> None:
+    account = await make_account(pool, balance_micros=10_000)
+    key_id = await _limited_key(pool, account, 5_000, "daily")
+    await ledger.reserve(pool, request_id=request_id(), account_id=account, amount_micros=700, ttl_seconds=60,
+                         key_id=key_id)
+    assert await verify(pool) == []
+    await pool.execute("UPDATE api_keys SET held_micros = 100 WHERE id = $1", key_id)
+    assert await verify(pool) == [
+        f"key-holds: key {key_id} caches 100 micros held but its pending limited holds sum to 700"]

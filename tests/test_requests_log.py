@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from billing import keys
-from tests.factories import billed_request, make_account
+from billing import keys, ledger
+from tests.factories import billed_request, make_account, request_id
 
 
 def _auth(secret: str) -> dict[str, str]:
@@ -44,6 +44,22 @@ async def test_pagination_visits_every_record_once_newest_first(client: TestClie
     seen = await _all_pages(client, secret, "limit=5")
     assert [r["id"] for r in seen] == list(reversed(rids))
     assert len({r["id"] for r in seen}) == 23
+
+
+async def test_pagination_visits_records_sharing_a_timestamp_once(client: TestClient, pool: asyncpg.Pool) -> None:
+    """Group commit gives many records one created_at (their holds were taken in one transaction): the cursor
+    must order and split them by id too, never skipping or repeating one at a page boundary."""
+    account, key_id, secret = await _customer(pool)
+    async with pool.acquire() as conn, conn.transaction():  # one transaction: one now() for every hold
+        rids = [request_id() for _ in range(7)]
+        for rid in rids:
+            await ledger.reserve(conn, request_id=rid, account_id=account, amount_micros=100, ttl_seconds=60,
+                                 key_id=key_id)
+    for rid in rids:
+        await ledger.settle(pool, request_id=rid, actual_micros=10, record={"model": "m", "modality": "text"})
+    assert await pool.fetchval("SELECT count(DISTINCT created_at) FROM requests") == 1
+    seen = await _all_pages(client, secret, "limit=2")
+    assert [r["id"] for r in seen] == sorted(rids, reverse=True)
 
 
 async def test_summary_cost_and_count_equal_the_ledger(client: TestClient, pool: asyncpg.Pool) -> None:
