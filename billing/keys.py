@@ -29,7 +29,8 @@ from billing.ledger import Executor
 KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters
 _DISPLAY_CHARS = 8
-_LIMITS = "limit_micros, limit_reset, rpm_limit, rpd_limit"  # per-key limits (billing.limits)
+# What every read of a key returns (never its digest); billing.limits returns the same row.
+KEY_COLUMNS = "id, account_id, name, prefix, created_at, revoked_at, limit_micros, limit_reset, rpm_limit, rpd_limit"
 # The channel schema.sql's api_keys trigger notifies, with the changed key's digest in hex.
 KEY_CHANNEL = "meterline_keys"
 
@@ -61,7 +62,7 @@ async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tu
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = await conn.fetchrow(
         "INSERT INTO api_keys (id, account_id, name, prefix, digest) VALUES ($1, $2, $3, $4, $5)"
-        " RETURNING id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS,
+        " RETURNING " + KEY_COLUMNS,
         new_id("key"), account_id, name, secret[: len(KEY_PREFIX) + _DISPLAY_CHARS], digest(secret),
     )
     assert row is not None
@@ -71,7 +72,7 @@ async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tu
 async def list_keys(conn: Executor, account_id: str) -> list[dict[str, Any]]:
     await get_account(conn, account_id)
     rows = await conn.fetch(
-        "SELECT id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS + " FROM api_keys"
+        "SELECT " + KEY_COLUMNS + " FROM api_keys"
         " WHERE account_id = $1 ORDER BY created_at, id",
         account_id,
     )
@@ -81,7 +82,7 @@ async def list_keys(conn: Executor, account_id: str) -> list[dict[str, Any]]:
 async def revoke_key(conn: Executor, key_id: str) -> dict[str, Any]:
     row = await conn.fetchrow(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1"
-        " RETURNING id, account_id, name, prefix, created_at, revoked_at, " + _LIMITS,
+        " RETURNING " + KEY_COLUMNS,
         key_id,
     )
     if row is None:

@@ -15,17 +15,13 @@ from typing import Any
 import asyncpg
 
 from billing.errors import InvalidAmount, KeyNotFound
+from billing.keys import KEY_COLUMNS
 from billing.ledger import Executor
 
 RESETS = ("daily", "weekly", "monthly")
 RPM_RANGE = (1, 1000)
 RPD_RANGE = (1, 10_000)
 LIMIT_FIELDS = ("limit_micros", "limit_reset", "rpm_limit", "rpd_limit")
-
-KEY_COLUMNS = (
-    "id, account_id, name, prefix, created_at, revoked_at, limit_micros, limit_reset, rpm_limit, rpd_limit"
-)
-
 
 def check_limits(changes: dict[str, Any]) -> None:
     """Refuse values the database would refuse too, with a sentence naming the field."""
