@@ -5,8 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from billing.db import Executor
 from billing.errors import AccountNotFound
-from billing.ledger import Executor
 
 _ACCOUNT_COLUMNS = """
     id, name, created_at,

@@ -8,9 +8,12 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+
+# What every ledger call runs on: a connection (inside a caller's transaction) or the pool.
+Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 # Any constant works; it only has to be the same in every process that applies the schema.

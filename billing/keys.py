@@ -23,8 +23,8 @@ from typing import Any
 import asyncpg
 
 from billing.accounts import get_account, new_id
+from billing.db import Executor
 from billing.errors import KeyNotFound
-from billing.ledger import Executor
 
 KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters

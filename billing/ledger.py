@@ -16,24 +16,21 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 
-from billing.db import clean_text
+from billing import idempotency
+from billing.db import Executor, clean_text
 from billing.errors import (
     AccountNotFound,
     DuplicateRequest,
-    IdempotencyConflict,
     InsufficientBalance,
     InvalidAmount,
     KeyLimitExceeded,
     UnknownHold,
 )
 from billing.money import check_range
-
-# What every ledger call runs on: a connection (inside a caller's transaction) or the pool.
-Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,30 +264,14 @@ async def post_once(
     IdempotencyConflict.
     """
     async with pool.acquire() as conn, conn.transaction():
-        claimed = await conn.fetchval(
-            "INSERT INTO idempotency_keys (scope, key, request_hash) VALUES ('ledger', $1, $2)"
-            " ON CONFLICT DO NOTHING RETURNING true",
-            idempotency_key, fingerprint,
-        )
-        if not claimed:
-            stored = await conn.fetchrow(
-                "SELECT request_hash, response FROM idempotency_keys WHERE scope = 'ledger' AND key = $1",
-                idempotency_key,
-            )
-            assert stored is not None
-            if bytes(stored["request_hash"]) != fingerprint:
-                raise IdempotencyConflict(
-                    "This Idempotency-Key was already used with a different request; use a new key"
-                )
-            return stored["response"], True
+        stored = await idempotency.claim(conn, scope="ledger", key=idempotency_key, fingerprint=fingerprint)
+        if stored is not None:
+            return stored.response, True
         posting = await post(
             conn, account_id=account_id, kind=kind, amount_micros=amount_micros, description=description
         )
         result = posting.as_dict()
-        await conn.execute(
-            "UPDATE idempotency_keys SET status_code = 201, response = $2 WHERE scope = 'ledger' AND key = $1",
-            idempotency_key, result,
-        )
+        await idempotency.store(conn, scope="ledger", key=idempotency_key, status_code=201, response=result)
         return result, False
 
 

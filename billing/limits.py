@@ -14,9 +14,9 @@ from typing import Any
 
 import asyncpg
 
+from billing.db import Executor
 from billing.errors import InvalidAmount, KeyNotFound
 from billing.keys import KEY_COLUMNS
-from billing.ledger import Executor
 
 RESETS = ("daily", "weekly", "monthly")
 RPM_RANGE = (1, 1000)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from billing.db import Executor
 from billing.errors import InvalidAmount
-from billing.ledger import Executor
 
 GROUPS = {
     "model": "COALESCE(model, '')",

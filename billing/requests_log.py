@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from billing.db import Executor
 from billing.errors import BillingError
-from billing.ledger import Executor
 
 RECORD_COLUMNS = """
     id, account_id, key_id, model, modality, endpoint, upstream, status, billing_status, error_code,

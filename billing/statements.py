@@ -22,8 +22,8 @@ from typing import Any
 import asyncpg
 
 from billing.accounts import get_account
+from billing.db import Executor
 from billing.errors import InvalidAmount
-from billing.ledger import Executor
 from billing.money import format_usd
 
 CSV_COLUMNS = ("section", "kind", "model", "modality", "count", "amount_micros", "amount_usd")

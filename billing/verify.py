@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from billing.ledger import Executor
+from billing.db import Executor
 
 # Each check is a query returning one row per violation, with a human sentence in `problem`.
 _CHECKS: dict[str, str] = {

@@ -15,9 +15,10 @@ from typing import Any
 
 import asyncpg
 
-from billing import ledger, media_idempotency
+from billing import idempotency as idem
+from billing import ledger
 from billing.accounts import new_id
-from billing.ledger import Executor
+from billing.db import Executor
 
 UNFINISHED = ("queued", "in_progress")
 
@@ -86,8 +87,8 @@ async def create_once(
         if idempotency is not None:
             scope, key, fingerprint = idempotency
             video_id = new_id("video")
-            stored = await media_idempotency.claim(conn, scope=scope, key=key, fingerprint=fingerprint,
-                                                   response={"video_id": video_id}, status_code=202)
+            stored = await idem.claim(conn, scope=scope, key=key, fingerprint=fingerprint,
+                                      response={"video_id": video_id}, status_code=202)
             if stored is not None:
                 existing = await get(conn, str(stored.response["video_id"]), account_id=job.account_id)
                 assert existing is not None

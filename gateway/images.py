@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from billing import idempotency as idem
 from billing import ledger
-from billing import media_idempotency as idem
 from billing.accounts import new_id
 from billing.catalog_config import ImageModelConfig
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from billing import media_idempotency, videos
+from billing import idempotency, videos
 from gateway.keys import POOL, SETTINGS
 from gateway.tasks import every, spawn
 from gateway.upstream import UpstreamError, upstream_named
@@ -56,7 +56,7 @@ async def fail(app: web.Application, job: dict[str, Any], reason: str, error: di
     """Void the job's hold and mark it failed; its Idempotency-Key is freed so that a retry makes a new job."""
     return await videos.fail(app[POOL], job["id"], reason=reason, error=error,
                              record={**record(job, "upstream_failure"), "error_code": error.get("code")},
-                             idempotency_scope=media_idempotency.scope("videos", job["account_id"]))
+                             idempotency_scope=idempotency.scope("videos", job["account_id"]))
 
 
 async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:

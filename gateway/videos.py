@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from billing import idempotency as idem
 from billing import ledger, videos
-from billing import media_idempotency as idem
 from billing.catalog_config import VideoModelConfig
 from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
 from gateway import bodies, media, settlement

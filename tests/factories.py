@@ -6,7 +6,7 @@ import secrets
 from typing import Any
 
 from billing import accounts, keys, ledger
-from billing.ledger import Executor
+from billing.db import Executor
 
 
 async def make_account(conn: Executor, *, balance_micros: int = 0, name: str = "acme") -> str:

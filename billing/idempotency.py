@@ -1,4 +1,5 @@
-"""Idempotency-Key for media requests (images, videos), in the `idempotency_keys` table under its own scope.
+"""Idempotency-Key claims in the `idempotency_keys` table, one scope per kind of request (ledger postings,
+images, videos).
 
 A key is claimed by inserting it before any hold or upstream call; a duplicate request then waits for the
 claim's commit and either replays the stored result, is told the first is still running (409), or, when its
@@ -10,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from billing.db import Executor
 from billing.errors import DuplicateRequest, IdempotencyConflict
-from billing.ledger import Executor
 
 
 def scope(kind: str, account_id: str) -> str:
