@@ -9,6 +9,7 @@ a cancelled handler cannot skip them and a shutdown waits for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from billing import idempotency as idem
 from billing import ledger
 from billing.accounts import new_id
 from billing.catalog_config import ImageModelConfig
+from billing.errors import UnknownHold
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
 from gateway import bodies, media, settlement
 from gateway.auth import requires_key
@@ -184,20 +186,26 @@ async def _resolve(app: web.Application, *, request_id: str, reservation: asynci
     """Settle what the upstream delivered, or void the hold; store or free the Idempotency-Key to match."""
     pool = app[POOL]
     await asyncio.wait([reservation])  # never raises the reservation's own error: that is the handler's answer
-    held = not reservation.cancelled() and reservation.exception() is None
-    async with pool.acquire() as conn, conn.transaction():
-        if held and outcome is not None:
-            await ledger.settle(conn, request_id=request_id, actual_micros=charge,
-                                record={**record, "status": "completed"})
-        elif held:
-            # No upstream failure recorded: the handler was cancelled (or the hold failed) before an answer.
-            await ledger.void(conn, request_id=request_id, reason=failure,
-                              record={"status": "cancelled", **record})
-        if idem_key is not None:
-            if outcome is not None:
-                await idem.store(conn, scope=scope, key=idem_key, status_code=200, response=outcome)
+
+    async def once() -> None:
+        # Settle, void and the key's store/release are all exactly-once or idempotent, so the whole transaction
+        # may be retried after a lost connection (durably) without charging twice.
+        async with pool.acquire() as conn, conn.transaction():
+            if outcome is not None:  # the upstream delivered, so the hold exists
+                await ledger.settle(conn, request_id=request_id, actual_micros=charge,
+                                    record={**record, "status": "completed"})
             else:
-                await idem.release(conn, scope=scope, key=idem_key)
+                # Nothing delivered: void the hold if one was made (a reservation can fail after its commit).
+                with contextlib.suppress(UnknownHold):
+                    await ledger.void(conn, request_id=request_id, reason=failure,
+                                      record={"status": "cancelled", **record})
+            if idem_key is not None:
+                if outcome is not None:
+                    await idem.store(conn, scope=scope, key=idem_key, status_code=200, response=outcome)
+                else:
+                    await idem.release(conn, scope=scope, key=idem_key)
+
+    await settlement.durably(once)
 
 
 def add_routes(app: web.Application) -> None:
