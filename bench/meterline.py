@@ -162,11 +162,6 @@ def start(workdir: Path, env: dict[str, str], *, cpu: int | None, workers: int) 
     return service
 
 
-def chat_route_ready() -> bool:
-    """The chat route is being built by another change; until it lands, the Meterline arm is skipped."""
-    return Path("/tmp/meterline-chat-done").exists() or os.environ.get("METERLINE_BENCH_FORCE") == "1"
-
-
 @dataclass
 class Ledgerbook:
     """What the clients saw from Meterline, to be checked against the ledger afterwards."""

@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         database = None
         customers = None
         config = None
-        if args.no_meterline or not meterline.chat_route_ready():
-            log("Meterline arm skipped: " + ("--no-meterline" if args.no_meterline
-                                             else "the chat route does not exist yet"))
+        if args.no_meterline:
+            log("Meterline arm skipped: --no-meterline")
         else:
             log("starting PostgreSQL and funding customers")
             database = stack.enter_context(meterline.database(args.database_url, work))
