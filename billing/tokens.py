@@ -3,6 +3,9 @@
 The counts are estimates: the upstream's reported usage is the truth whenever it exists. Counting follows
 OpenAI's published recipe for chat messages (a few tokens of framing per message plus the text of each field).
 Large inputs are counted in a worker thread, which runs in parallel because tiktoken releases the GIL.
+
+Counting costs about 40 ns a byte, so a 100 KB prompt takes ~4 ms. For a large prompt `Prompt.bound` gives, in
+microseconds, a count that is never below tiktoken's: every cl100k token spells at least one UTF-8 byte.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import functools
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import tiktoken
@@ -20,7 +24,7 @@ _PER_MESSAGE = 3
 _REPLY_PRIMING = 3
 # An image part's true cost depends on its size and the model; a hold assumes a large high-detail image.
 IMAGE_PART_TOKENS = 1_105
-# Below this many characters counting takes well under a millisecond: not worth a thread hop.
+# Below this many characters counting takes well under a millisecond: not worth a thread hop, nor a bound.
 _THREAD_THRESHOLD = 16_384
 
 
@@ -65,19 +69,39 @@ def _prompt_text(messages: list[Any], tools: Any) -> tuple[str, int, int]:
     return "\n".join(parts), framing, images[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A chat prompt (messages plus tool definitions) as the text that is counted, its framing and its images."""
+
+    text: str
+    framing: int
+    images: int
+
+    @classmethod
+    def of(cls, messages: list[Any], tools: Any = None) -> Prompt:
+        return cls(*_prompt_text(messages, tools))
+
+    @property
+    def large(self) -> bool:
+        """Counting it would take a millisecond or more."""
+        return len(self.text) > _THREAD_THRESHOLD
+
+    def bound(self) -> int:
+        """A token count never below `count()`'s, in O(1) for ASCII text: one token per UTF-8 byte (tiktoken
+        encodes a lone surrogate as U+FFFD, three bytes, which is what surrogatepass counts for it)."""
+        text = self.text
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return size + self.framing + self.images * IMAGE_PART_TOKENS
+
+    async def count(self) -> int:
+        """tiktoken's count, off the event loop when large."""
+        counted = await asyncio.to_thread(count_text, self.text) if self.large else count_text(self.text)
+        return counted + self.framing + self.images * IMAGE_PART_TOKENS
+
+
 def count_prompt_sync(messages: list[Any], tools: Any = None) -> int:
     text, framing, images = _prompt_text(messages, tools)
     return count_text(text) + framing + images * IMAGE_PART_TOKENS
-
-
-async def count_prompt(messages: list[Any], tools: Any = None) -> int:
-    """Tokens in a chat prompt (messages plus tool definitions), counted off the event loop when large."""
-    text, framing, images = _prompt_text(messages, tools)
-    if len(text) > _THREAD_THRESHOLD:
-        counted = await asyncio.to_thread(count_text, text)
-    else:
-        counted = count_text(text)
-    return counted + framing + images * IMAGE_PART_TOKENS
 
 
 async def count_completion(texts: list[str]) -> int:

@@ -17,6 +17,9 @@ from aiohttp import web
 from billing import ledger, pricing, tokens
 from billing.accounts import new_id
 from billing.catalog import CatalogEntry
+from billing.errors import InsufficientBalance, KeyLimitExceeded
+from billing.keys import ApiKey
+from billing.ledger import Reservation
 from billing.pricing import TokenPrices
 from gateway import models_api, upstream
 from gateway.auth import requires_key
@@ -29,23 +32,32 @@ from gateway.errors import ApiError
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
+from gateway.settings import Settings
 from gateway.settlement import Bill
 
 REDUCED_HEADER = "X-Max-Tokens-Reduced-To"
 
 
 class Priced:
-    """A validated request with its model, prompt count and hold."""
+    """A validated request with its model, prompt count and hold.
 
-    __slots__ = ("chat", "counted", "entry", "estimate", "max_output", "minimum", "padded", "prices")
+    `counted` is tiktoken's count, or (`exact` False) a large prompt's upper bound (tokens.Prompt.bound), which
+    holds at least as much as the count would, without spending milliseconds counting before the upstream is
+    even called. A bound is only used for a hold the balance covers in full; see `_hold`.
+    """
 
-    def __init__(self, chat: ChatRequest, entry: CatalogEntry, counted: int, safety_factor: Decimal,
-                 min_output: int) -> None:
+    __slots__ = ("chat", "counted", "entry", "estimate", "exact", "max_output", "minimum", "padded", "prices",
+                 "prompt")
+
+    def __init__(self, chat: ChatRequest, entry: CatalogEntry, prompt: tokens.Prompt, counted: int, *,
+                 exact: bool, safety_factor: Decimal, min_output: int) -> None:
         assert entry.prices is not None
         self.chat = chat
         self.entry = entry
         self.prices: TokenPrices = entry.prices
+        self.prompt = prompt
         self.counted = counted
+        self.exact = exact
         self.padded = pricing.padded_prompt_tokens(counted, safety_factor)
         # The model's limit, else (a remote model publishing neither) the minimum: the hold must be finite.
         self.max_output = chat.max_output_tokens or entry.max_output_tokens or min_output
@@ -54,6 +66,10 @@ class Priced:
                                                padded_prompt_tokens=self.padded, max_output_tokens=allowance)
         self.minimum = pricing.hold_micros(self.prices, prompt_tokens=self.padded,
                                            max_output_tokens=min(min_output, self.max_output) * chat.n)
+
+    async def prompt_tokens(self) -> int:
+        """tiktoken's count of the prompt, for a charge estimated because the upstream reported no usage."""
+        return self.counted if self.exact else await self.prompt.count()
 
     def output_cap(self, granted_micros: int, min_output: int) -> int | None:
         """The per-choice max_tokens the granted hold affords, or None when the full allowance was granted."""
@@ -66,6 +82,28 @@ class Priced:
         return max(total // self.chat.n, min(min_output, self.max_output))
 
 
+def _priced(chat: ChatRequest, entry: CatalogEntry, prompt: tokens.Prompt, counted: int, *, exact: bool,
+            settings: Settings) -> Priced:
+    return Priced(chat, entry, prompt, counted, exact=exact, safety_factor=settings.prompt_safety_factor,
+                  min_output=settings.min_output_tokens)
+
+
+async def _hold(bill: Bill, priced: Priced, key: ApiKey, settings: Settings) -> tuple[Priced, Reservation]:
+    """Reserve the hold; returns the pricing it was taken on. A bounded (large) prompt is first held in full on
+    its bound; only if the balance or the key's limit cannot cover that is the prompt counted, so that the
+    answer (a reduced max_tokens, or a 402) is the one the exact count gives."""
+    if not priced.exact:
+        try:
+            total = priced.estimate.total_micros
+            return priced, await bill.reserve(account_id=key.account_id, key_id=key.id, amount_micros=total,
+                                              min_micros=total)
+        except (InsufficientBalance, KeyLimitExceeded):
+            priced = _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
+                             settings=settings)
+    return priced, await bill.reserve(account_id=key.account_id, key_id=key.id,
+                                      amount_micros=priced.estimate.total_micros, min_micros=priced.minimum)
+
+
 @requires_key
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
@@ -73,8 +111,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     is_dry_run = dry_run(request.query)
     chat = parse_chat(await read_json_object(request))
     entry = await resolve_model(app, chat.model, modality="text")
-    counted = await tokens.count_prompt(chat.messages, chat.tools)
-    priced = Priced(chat, entry, counted, settings.prompt_safety_factor, settings.min_output_tokens)
+    prompt = tokens.Prompt.of(chat.messages, chat.tools)
+    if prompt.large and not is_dry_run:
+        priced = _priced(chat, entry, prompt, prompt.bound(), exact=False, settings=settings)
+    else:
+        priced = _priced(chat, entry, prompt, await prompt.count(), exact=True, settings=settings)
     key = request[API_KEY]
     if is_dry_run:
         available = await ledger.available_micros(app[POOL], key.account_id)
@@ -86,8 +127,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": entry.id, "modality": "text", "endpoint": request.path, "upstream": entry.upstream,
         "user": chat.user,
     })
-    reservation = await bill.reserve(account_id=key.account_id, key_id=key.id,
-                                     amount_micros=priced.estimate.total_micros, min_micros=priced.minimum)
+    priced, reservation = await _hold(bill, priced, key, settings)
     cap = priced.output_cap(reservation.granted_micros, settings.min_output_tokens)
     headers = {"X-Request-Id": request_id}
     if cap is not None:
@@ -133,7 +173,7 @@ async def _complete(bill: Bill, priced: Priced, target: upstream.Upstream, paylo
     usage = pricing.parse_usage(raw_usage)
     if usage is None or not isinstance(raw_usage, dict):
         completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
-        usage = pricing.Usage(prompt_tokens=priced.counted, completion_tokens=completion)
+        usage = pricing.Usage(prompt_tokens=await priced.prompt_tokens(), completion_tokens=completion)
         raw_usage = None
     cost = pricing.cost_micros(priced.prices, usage)
     await bill.settle(actual_micros=cost, estimated=raw_usage is None, record={
@@ -153,7 +193,7 @@ async def _stream(request: web.Request, bill: Bill, priced: Priced, target: upst
     except upstream.UpstreamError as exc:
         await _failed(bill, exc, started)
         raise
-    relay = StreamRelay(opened, bill=bill, prices=priced.prices, prompt_tokens=priced.counted,
+    relay = StreamRelay(opened, bill=bill, prices=priced.prices, prompt_tokens=priced.prompt_tokens,
                         include_usage=priced.chat.include_usage, started=started,
                         drain_seconds=app[SETTINGS].drain_seconds)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -46,13 +47,14 @@ def error_event(exc: ApiError) -> bytes:
 
 
 class StreamRelay:
-    def __init__(self, opened: UpstreamResponse, *, bill: Bill, prices: TokenPrices, prompt_tokens: int,
+    def __init__(self, opened: UpstreamResponse, *, bill: Bill, prices: TokenPrices,
+                 prompt_tokens: Callable[[], Awaitable[int]],
                  include_usage: bool, started: float, drain_seconds: float) -> None:
         self.opened = opened
         self.reader = EventReader(opened)
         self.bill = bill
         self.prices = prices
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = prompt_tokens  # counts the prompt, for an estimate if usage never comes
         self.include_usage = include_usage
         self.started = started
         self.drain_seconds = drain_seconds
@@ -183,7 +185,8 @@ class StreamRelay:
             # Failed before any output: nothing was delivered, so nothing is charged.
             await self.bill.void(reason=self.failure.message, record=record)
             return
-        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=await tokens.count_completion(texts))
+        usage = Usage(prompt_tokens=await self.prompt_tokens(),
+                      completion_tokens=await tokens.count_completion(texts))
         await self.bill.settle(actual_micros=pricing.cost_micros(self.prices, usage), estimated=True,
                                record={**record, **usage_record(usage, None)})
 

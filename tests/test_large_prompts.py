@@ -1,0 +1,151 @@
+"""Large prompts: the hold is taken on an upper bound of the prompt (one token per UTF-8 byte) instead of a
+tiktoken count, so a 100 KB prompt does not wait milliseconds before it is forwarded; whenever that bound is more
+than the balance or the key's limit covers, the prompt is counted and the answer is exactly the counted one."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing import keys, limits, tokens
+from tests.chat_support import MODEL, account_row, cost, request_record, settled
+from tests.factories import make_account, make_customer
+from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
+
+FUNDS = 10_000_000
+CONTENT = "the quick brown fox jumps over the lazy dog " * 1_000  # 44,000 ASCII characters, ~9,000 tokens
+BIG = [{"role": "user", "content": CONTENT}]
+# The bound, computed by hand: the role and the content joined by a newline, one token per byte, plus 3 tokens
+# of framing for the message and 3 for the reply.
+BOUND = len("user") + 1 + len(CONTENT) + 3 + 3
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def padded(prompt_tokens: int) -> int:
+    return math.ceil(Decimal(prompt_tokens) * Decimal("1.1"))
+
+
+def counted_hold(max_tokens: int) -> int:
+    return cost(padded(tokens.count_prompt_sync(BIG)), max_tokens)
+
+
+async def call(client: TestClient, secret: str, **extra: Any) -> Any:
+    return await client.post("/v1/chat/completions", headers=auth(secret),
+                             json={"model": MODEL, "messages": BIG, "max_tokens": 100, **extra})
+
+
+def test_the_bound_is_what_the_test_computes_and_far_above_the_count() -> None:
+    prompt = tokens.Prompt.of(BIG)
+    assert prompt.large
+    assert prompt.bound() == BOUND
+    assert tokens.count_prompt_sync(BIG) < BOUND // 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(codec=None, exclude_categories=()), max_size=300))
+def test_the_bound_is_never_below_the_count(text: str) -> None:
+    """Any text, lone surrogates included: one token per UTF-8 byte is never fewer tokens than tiktoken's."""
+    prompt = tokens.Prompt.of([{"role": "user", "content": text}])
+    assert prompt.bound() >= tokens.count_prompt_sync([{"role": "user", "content": text}])
+
+
+async def test_a_covered_large_prompt_is_held_on_its_bound_and_charged_its_usage(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    openrouter.prompt_tokens, openrouter.completion_tokens = 9_001, 5
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    assert "X-Max-Tokens-Reduced-To" not in resp.headers
+    assert openrouter.bodies[0]["max_tokens"] == 100
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == cost(padded(BOUND), 100)
+    assert (record["cost_micros"], record["estimated"]) == (cost(9_001, 5), False)
+    assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(9_001, 5), 0)
+
+
+async def test_a_balance_short_of_the_bound_gets_the_counted_hold_in_full(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    balance = counted_hold(100)
+    assert cost(padded(BOUND), 100) > balance
+    _, secret = await make_customer(pool, balance_micros=balance)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    assert "X-Max-Tokens-Reduced-To" not in resp.headers
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == balance
+
+
+async def test_a_key_limit_short_of_the_bound_gets_the_counted_hold_in_full(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    account_id = await make_account(pool, balance_micros=FUNDS)
+    row, secret = await keys.create_key(pool, account_id=account_id, name="limited")
+    await limits.set_key_limits(pool, row["id"], {"limit_micros": counted_hold(100), "limit_reset": "daily"})
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    assert "X-Max-Tokens-Reduced-To" not in resp.headers
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == counted_hold(100)
+
+
+async def test_a_balance_short_of_the_counted_hold_gets_the_counted_max_tokens(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    prompt_cost = cost(padded(tokens.count_prompt_sync(BIG)), 0)
+    balance = prompt_cost + 60 * 3  # the counted prompt and 60 output tokens at 3 micros each
+    _, secret = await make_customer(pool, balance_micros=balance)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    affordable = int(resp.headers["X-Max-Tokens-Reduced-To"])
+    assert affordable in (60, 61)
+    assert openrouter.bodies[0]["max_tokens"] == affordable
+
+
+async def test_a_balance_short_of_the_counted_minimum_is_402_naming_the_counted_minimum(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=1_000)
+    resp = await call(chat_client, secret)
+    assert resp.status == 402
+    error = (await resp.json())["error"]
+    assert (error["required_micros"], error["available_micros"]) == (counted_hold(16), 1_000)
+    assert openrouter.calls["chat"] == 0
+    assert await pool.fetchval("SELECT count(*) FROM holds") == 0
+
+
+async def test_missing_usage_charges_the_counted_prompt_not_the_bound(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    openrouter.usage = "absent"
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    charge = cost(tokens.count_prompt_sync(BIG), tokens.count_text(CONTENT_PIECE * 5))
+    assert (await resp.json())["usage"]["cost_micros"] == charge
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert (record["hold_micros"], record["cost_micros"], record["estimated"]) == (
+        cost(padded(BOUND), 100), charge, True)
+
+
+async def test_a_stream_without_usage_charges_the_counted_prompt_not_the_bound(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    openrouter.usage = "absent"
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await call(chat_client, secret, stream=True)
+    assert resp.status == 200
+    await resp.read()
+    [hold] = await settled(pool, account_id)
+    charge = cost(tokens.count_prompt_sync(BIG), tokens.count_text(CONTENT_PIECE * 5))
+    assert (hold["amount_micros"], hold["actual_micros"]) == (cost(padded(BOUND), 100), charge)
