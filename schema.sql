@@ -213,6 +213,14 @@ LANGUAGE sql IMMUTABLE AS $$
         END;
 $$;
 
+-- What a key with a spend limit has left in its current window for new holds (its limit less its pending holds
+-- and what it spent in this window).
+CREATE OR REPLACE FUNCTION meterline_key_left(k api_keys) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT k.limit_micros - k.held_micros - CASE
+        WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+        THEN k.window_spent_micros ELSE 0 END;
+$$;
+
 -- Release a resolved hold from its key and add the charge to the key's current window. Called with the
 -- account row already locked (every path locks the account before the key, so keys cannot deadlock).
 CREATE OR REPLACE FUNCTION meterline_key_release(p_hold holds, p_release bigint, p_actual bigint) RETURNS void
@@ -334,9 +342,7 @@ BEGIN
     IF p_key_id IS NOT NULL THEN
         SELECT * INTO k FROM api_keys WHERE id = p_key_id AND limit_micros IS NOT NULL FOR UPDATE;
         IF FOUND THEN
-            v_key_left := k.limit_micros - k.held_micros - CASE
-                WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
-                THEN k.window_spent_micros ELSE 0 END;
+            v_key_left := meterline_key_left(k);
             IF v_key_left < p_min OR v_key_left < 0 THEN
                 RETURN QUERY SELECT NULL::bigint, v_key_left, meterline_window_end(k.limit_reset, meterline_now());
                 RETURN;

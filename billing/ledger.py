@@ -275,6 +275,18 @@ async def post_once(
         return result, False
 
 
+async def coverable_micros(conn: Executor, account_id: str, key_id: str) -> tuple[int, int | None]:
+    """The account's available balance, and what the key's spend limit leaves for new holds (None: no limit),
+    as meterline_reserve would read them now."""
+    row = await conn.fetchrow(
+        "SELECT a.credits_posted - a.debits_posted - a.held_micros AS available,"
+        " (SELECT meterline_key_left(k) FROM api_keys k WHERE k.id = $2 AND k.limit_micros IS NOT NULL) AS key_left"
+        " FROM accounts a WHERE a.id = $1", account_id, key_id)
+    if row is None:
+        return 0, None
+    return int(row["available"]), row["key_left"]
+
+
 async def available_micros(conn: Executor, account_id: str) -> int:
     value = await conn.fetchval(
         "SELECT credits_posted - debits_posted - held_micros FROM accounts WHERE id = $1", account_id

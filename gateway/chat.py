@@ -104,6 +104,23 @@ async def _hold(bill: Bill, priced: Priced, key: ApiKey, settings: Settings) -> 
                                       amount_micros=priced.estimate.total_micros, min_micros=priced.minimum)
 
 
+def _grants(left: int | None, amount: int) -> bool:
+    """Whether meterline_reserve grants `amount` in full from `left` (None: no limit applies)."""
+    return left is None or (left >= amount and left >= 0)
+
+
+async def _estimate(request: web.Request, priced: Priced, key: ApiKey, settings: Settings) -> web.Response:
+    """dryRun: exactly the hold the real call would take now, which for a bounded prompt depends (as in `_hold`)
+    on whether the balance and the key's limit cover its bound in full."""
+    available, key_left = await ledger.coverable_micros(request.app[POOL], key.account_id, key.id)
+    total = priced.estimate.total_micros
+    if not priced.exact and not (_grants(available, total) and _grants(key_left, total)):
+        priced = _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
+                         settings=settings)
+    return json_response(priced.estimate.as_dict(model=priced.entry.id, provider=priced.entry.upstream,
+                                                 available_micros=available))
+
+
 @requires_key
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
@@ -112,15 +129,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat(await read_json_object(request))
     entry = await resolve_model(app, chat.model, modality="text")
     prompt = tokens.Prompt.of(chat.messages, chat.tools)
-    if prompt.large and not is_dry_run:
+    if len(prompt.text) > settings.prompt_bound_above_chars:
         priced = _priced(chat, entry, prompt, prompt.bound(), exact=False, settings=settings)
     else:
         priced = _priced(chat, entry, prompt, await prompt.count(), exact=True, settings=settings)
     key = request[API_KEY]
     if is_dry_run:
-        available = await ledger.available_micros(app[POOL], key.account_id)
-        return json_response(priced.estimate.as_dict(model=entry.id, provider=entry.upstream,
-                                                     available_micros=available))
+        return await _estimate(request, priced, key, settings)
     target = upstream.upstream_named(app, entry.upstream)
     request_id = new_id("req")
     bill = Bill(app, request_id=request_id, record={

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     remote_catalog: bool = Field(default=True, description="Load the text upstream's GET /models")
     markup: Decimal = Field(default=Decimal(0), ge=0, description="Added to remote prices: 0.05 = +5%")
     prompt_safety_factor: Decimal = Field(default=Decimal("1.1"), ge=1, le=10)
+    prompt_bound_above_chars: int = Field(
+        default=256, ge=0, description="Longer prompts are held on a byte bound first, counted only if it is short")
     min_output_tokens: int = Field(default=16, ge=1)
     drain_seconds: float = Field(default=30.0, ge=0)
     # Images and videos (issue 4).

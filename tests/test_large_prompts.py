@@ -1,6 +1,7 @@
-"""Large prompts: the hold is taken on an upper bound of the prompt (one token per UTF-8 byte) instead of a
-tiktoken count, so a 100 KB prompt does not wait milliseconds before it is forwarded; whenever that bound is more
-than the balance or the key's limit covers, the prompt is counted and the answer is exactly the counted one."""
+"""Prompts over `prompt_bound_above_chars` (256): the hold is taken on an upper bound of the prompt (one token per
+UTF-8 byte) instead of a tiktoken count, so a 100 KB prompt does not wait milliseconds before it is forwarded;
+whenever that bound is more than the balance or the key's limit covers, the prompt is counted and the answer is
+exactly the counted one. dryRun answers with exactly the hold the real call takes, either way."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def counted_hold(max_tokens: int) -> int:
     return cost(padded(tokens.count_prompt_sync(BIG)), max_tokens)
 
 
-async def call(client: TestClient, secret: str, **extra: Any) -> Any:
-    return await client.post("/v1/chat/completions", headers=auth(secret),
+async def call(client: TestClient, secret: str, url: str = "/v1/chat/completions", **extra: Any) -> Any:
+    return await client.post(url, headers=auth(secret),
                              json={"model": MODEL, "messages": BIG, "max_tokens": 100, **extra})
 
 
@@ -149,3 +150,48 @@ async def test_a_stream_without_usage_charges_the_counted_prompt_not_the_bound(
     [hold] = await settled(pool, account_id)
     charge = cost(tokens.count_prompt_sync(BIG), tokens.count_text(CONTENT_PIECE * 5))
     assert (hold["amount_micros"], hold["actual_micros"]) == (cost(padded(BOUND), 100), charge)
+
+
+async def test_prompts_up_to_256_characters_are_counted_and_longer_ones_bounded(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    for extra, rule in ((0, "counted"), (1, "bounded")):
+        # The counted text is "user" and the content joined by a newline: 256 characters, then 257.
+        messages = [{"role": "user", "content": "word " * 50 + "x" * (1 + extra)}]
+        assert len(tokens.Prompt.of(messages).text) == 256 + extra
+        resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
+                                      json={"model": MODEL, "messages": messages, "max_tokens": 10})
+        assert resp.status == 200
+        prompt = tokens.count_prompt_sync(messages) if rule == "counted" else 256 + extra + 3 + 3
+        assert (await request_record(pool, resp.headers["X-Request-Id"]))["hold_micros"] == cost(padded(prompt), 10)
+
+
+async def test_dry_run_is_the_bound_hold_when_the_balance_covers_it(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
+    assert dry["total_cost_micros"] == cost(padded(BOUND), 100)
+    assert dry["components"][0]["quantity"] == BOUND
+    assert openrouter.calls["chat"] == 0
+    resp = await call(chat_client, secret)
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == dry["total_cost_micros"]
+
+
+async def test_dry_run_is_the_counted_hold_when_the_balance_or_the_key_limit_is_short_of_the_bound(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    _, short = await make_customer(pool, balance_micros=counted_hold(100))
+    account_id = await make_account(pool, balance_micros=FUNDS)
+    row, limited = await keys.create_key(pool, account_id=account_id, name="limited")
+    await limits.set_key_limits(pool, row["id"], {"limit_micros": counted_hold(100), "limit_reset": None})
+    for secret in (short, limited):
+        dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
+        assert dry["total_cost_micros"] == counted_hold(100)
+        assert dry["components"][0]["quantity"] == tokens.count_prompt_sync(BIG)
+        resp = await call(chat_client, secret)
+        assert resp.status == 200
+        record = await request_record(pool, resp.headers["X-Request-Id"])
+        assert record["hold_micros"] == dry["total_cost_micros"]
