@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -92,3 +93,20 @@ def create_app(settings: Settings) -> web.Application:
     videos.add_routes(app)
     app.add_subapp("/admin", admin.admin_app())
     return app
+
+
+def serve(settings: Settings, **kwargs: Any) -> None:
+    """Serve until stopped: `meterline serve`, and each process of `serve --workers`. On uvloop's event loop
+    unless `uvloop = false` (or it is not installed: it has no Windows build)."""
+    from aiohttp.log import access_logger
+
+    loop: asyncio.AbstractEventLoop | None = None
+    if settings.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop = uvloop.new_event_loop()
+    web.run_app(create_app(settings), access_log=access_logger if settings.access_log else None, loop=loop,
+                **kwargs)

@@ -39,10 +39,7 @@ def _print(data: Any) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-    from aiohttp.log import access_logger
-
-    from gateway.app import create_app
+    from gateway.app import serve
 
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
@@ -52,8 +49,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         from gateway import workers
 
         return workers.serve(settings.database_url, host=host, port=port, workers=args.workers)
-    web.run_app(create_app(settings), host=host, port=port, print=lambda msg: print(msg, flush=True),
-                access_log=access_logger if settings.access_log else None)
+    serve(settings, host=host, port=port, print=lambda msg: print(msg, flush=True))
     return 0
 
 

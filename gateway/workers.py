@@ -24,18 +24,14 @@ def _worker(database_url: str | None, host: str, port: int) -> None:
     # exit, not a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        from aiohttp import web
-        from aiohttp.log import access_logger
-
-        from gateway.app import create_app
+        from gateway.app import serve
         from gateway.settings import load_settings
 
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         # Spawned, not forked: the worker reads the same settings afresh, with the parent's database URL
         # (which may name the embedded server the parent started).
         settings = load_settings(database_url=database_url)
-        web.run_app(create_app(settings), host=host, port=port, reuse_port=True, print=None,
-                    access_log=access_logger if settings.access_log else None)
+        serve(settings, host=host, port=port, reuse_port=True, print=None)
     except KeyboardInterrupt:
         return
 

@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -31,6 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
 # Fixtures of the chat tests (a fake OpenRouter and a gateway pointed at it), importable by name in any test.
 pytest_plugins = ["tests.chat_support", "tests.fakes.media_upstream"]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The tests run on the event loop `meterline serve` runs on (gateway.app.serve)."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def _docker_answers() -> bool:
