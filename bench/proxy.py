@@ -1,7 +1,7 @@
 """The benchmark's physical reference: a bare aiohttp pass-through proxy with no auth and no billing.
 
-It is the same stack as Meterline (aiohttp server, one pooled aiohttp ClientSession) doing nothing but relaying
-bytes, so the gap between it and Meterline is what authentication, holds, settlement and records cost.
+It is the same stack as Meterline (aiohttp server on uvloop, one pooled aiohttp ClientSession) doing nothing but
+relaying bytes, so the gap between it and Meterline is what authentication, holds, settlement and records cost.
 
     python -m bench.proxy --port 9001 --upstream http://127.0.0.1:9000/v1
 """
@@ -12,6 +12,7 @@ import argparse
 from collections.abc import AsyncIterator
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 UPSTREAM = web.AppKey("upstream", str)
@@ -61,7 +62,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9000/v1")
     args = parser.parse_args()
-    web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None, print=None,
+                loop=uvloop.new_event_loop())
 
 
 if __name__ == "__main__":
