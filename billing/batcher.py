@@ -96,6 +96,10 @@ class _Queue(Generic[Item, Out]):
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its callers' futures already carry the error; say it once here (and retrieve it, so asyncio does
+            # not report an unretrieved task exception later).
+            log.error("a %s batch failed unexpectedly", self.name, exc_info=exc)
         self._kick()
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Out]]]) -> None:

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from billing import ledger
-from billing.batcher import LedgerBatcher
+from billing.batcher import LedgerBatcher, _Queue
 from billing.errors import DuplicateRequest, InsufficientBalance, UnknownHold
 from billing.verify import verify
 from tests.factories import make_account, request_id
@@ -100,3 +100,32 @@ async def test_a_caller_that_gives_up_still_gets_its_hold_written(pool: asyncpg.
     await batcher.close()
     assert await pool.fetchval("SELECT state FROM holds WHERE request_id = $1", rid) == "pending"
     assert await verify(pool) == []
+
+
+async def test_a_batch_that_fails_unexpectedly_fails_its_callers_instead_of_leaving_them_waiting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error the batcher does not expect (a bug, not a database answer) must still resolve every caller's
+    future, and the queue must go on serving the next batch."""
+    calls: list[list[int]] = []
+
+    async def run_batch(items: list[int]) -> list[int | Exception]:
+        calls.append(items)
+        if 0 in items:
+            raise ZeroDivisionError("a bug")
+        return [item * 10 for item in items]
+
+    async def run_one(item: int) -> int:
+        return (await run_batch([item]))[0]  # type: ignore[return-value]
+
+    queue: _Queue[int, int] = _Queue("test", run_batch, run_one, max_batch=10, max_inflight=1)
+    blocked = queue.submit(7)  # occupies the one slot, so the next three go as one batch
+    failing = [queue.submit(n) for n in (1, 0, 2)]
+    assert await asyncio.wait_for(blocked, 5) == 70
+    outcomes = await asyncio.wait_for(asyncio.gather(*failing, return_exceptions=True), 5)
+    assert [type(o).__name__ for o in outcomes] == ["ZeroDivisionError"] * 3
+    assert await asyncio.wait_for(queue.submit(3), 5) == 30
+    assert calls == [[7], [1, 0, 2], [3]]
+    await queue.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "meterline.batcher"] == [
+        "a test batch failed unexpectedly"]
