@@ -361,7 +361,7 @@ END $$;
 
 -- Fill the money fields of a request record from the ledger's truth and store it (first write wins). The record's
 -- own fields are read by name (keys that are not columns are ignored; money fields always come from the ledger):
--- a column list, not jsonb_populate_record over merged objects, which cost a third more of a settlement.
+-- a column list, not jsonb_populate_record over merged objects, which cost about 30 µs more per settlement.
 CREATE OR REPLACE FUNCTION meterline_record(
     p_request_id text, p_hold holds, p_billing_status text, p_cost bigint, p_estimated boolean,
     p_overrun bigint, p_record jsonb

@@ -4,8 +4,9 @@ The counts are estimates: the upstream's reported usage is the truth whenever it
 OpenAI's published recipe for chat messages (a few tokens of framing per message plus the text of each field).
 Large inputs are counted in a worker thread, which runs in parallel because tiktoken releases the GIL.
 
-Counting costs about 40 ns a byte, so a 100 KB prompt takes ~4 ms. For a large prompt `Prompt.bound` gives, in
-microseconds, a count that is never below tiktoken's: every cl100k token spells at least one UTF-8 byte.
+Counting costs about 40 ns a byte, so a 100 KB prompt takes ~4 ms. `Prompt.bound` gives, in microseconds, a count
+that is never below tiktoken's (every cl100k token spells at least one UTF-8 byte): the chat route holds a prompt
+longer than `prompt_bound_above_chars` on it, and counts only when the balance cannot cover that.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _PER_MESSAGE = 3
 _REPLY_PRIMING = 3
 # An image part's true cost depends on its size and the model; a hold assumes a large high-detail image.
 IMAGE_PART_TOKENS = 1_105
-# Below this many characters counting takes well under a millisecond: not worth a thread hop, nor a bound.
+# Below this many characters counting takes well under a millisecond: not worth a thread hop.
 _THREAD_THRESHOLD = 16_384
 
 

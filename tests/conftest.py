@@ -35,9 +35,11 @@ pytest_plugins = ["tests.chat_support", "tests.fakes.media_upstream"]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """The tests run on the event loop `meterline serve` runs on (gateway.app.serve)."""
-    import uvloop
-
+    """The tests run on the event loop `meterline serve` runs on (gateway.app.serve): uvloop where it exists."""
+    try:
+        import uvloop
+    except ImportError:  # no Windows build; serve falls back to asyncio's loop there too
+        return {"asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
 
 
