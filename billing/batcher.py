@@ -150,9 +150,8 @@ class LedgerBatcher:
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 256, max_inflight: int = 1) -> None:
         self._pool = pool
         # One statement in flight per queue: bench/ measured fewer, larger batches to cost less per request (c=32:
-        # 380 against 460 µs of database CPU and 505 against 565 µs here, with more requests per second) than
-        # overlapping smaller ones, whose rows then wait on each other's locks. Holds and settlements in one
-        # shared statement measured worse still: the statement's work is serial, so it only halves the overlap.
+        # 380 against 460 µs of database CPU and 510 against 565 µs here, with more requests per second) than
+        # overlapping smaller ones. Holds and settlements sharing one statement measured worse than either.
         self._holds: _Queue[_Hold, Reservation] = _Queue(
             "reserve", self._reserve_batch, self._reserve_one, max_batch=max_batch, max_inflight=max_inflight)
         self._charges: _Queue[_Charge, Resolution] = _Queue(
