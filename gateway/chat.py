@@ -33,7 +33,7 @@ from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
 from gateway.settings import Settings
-from gateway.settlement import Bill
+from gateway.settlement import Bill, shielded
 
 REDUCED_HEADER = "X-Max-Tokens-Reduced-To"
 
@@ -188,16 +188,29 @@ async def _complete(bill: Bill, priced: Priced, target: upstream.Upstream, paylo
     raw_usage = answer.get("usage")
     usage = pricing.parse_usage(raw_usage)
     if usage is None or not isinstance(raw_usage, dict):
-        completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
-        usage = pricing.Usage(prompt_tokens=await priced.prompt_tokens(), completion_tokens=completion)
+        # The answer was delivered but carries no usage: counting it (and a bounded prompt) can take a while, in a
+        # thread. A task the app owns counts and settles, so a handler cancelled meanwhile cannot void the call.
+        bill.hand_off()
+        usage = await shielded(app, _settle_estimate(bill, priced, answer, started), f"settle {bill.request_id}")
         raw_usage = None
     cost = pricing.cost_micros(priced.prices, usage)
-    await bill.settle(actual_micros=cost, estimated=raw_usage is None, record={
-        **usage_record(usage, raw_usage), "status": "completed", "duration_ms": _elapsed_ms(started),
-    })
+    if raw_usage is not None:
+        await bill.settle(actual_micros=cost, estimated=False, record={
+            **usage_record(usage, raw_usage), "status": "completed", "duration_ms": _elapsed_ms(started),
+        })
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
     headers["X-Cost-Micros"] = str(cost)
     return json_response(answer, headers=headers)
+
+
+async def _settle_estimate(bill: Bill, priced: Priced, answer: dict[str, Any], started: float) -> pricing.Usage:
+    """Charge a delivered answer that reported no usage: the prompt and the generated text, counted."""
+    completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
+    usage = pricing.Usage(prompt_tokens=await priced.prompt_tokens(), completion_tokens=completion)
+    await bill.settle(actual_micros=pricing.cost_micros(priced.prices, usage), estimated=True, record={
+        **usage_record(usage, None), "status": "completed", "duration_ms": _elapsed_ms(started),
+    })
+    return usage
 
 
 async def _stream(request: web.Request, bill: Bill, priced: Priced, target: upstream.Upstream,

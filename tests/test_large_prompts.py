@@ -5,19 +5,25 @@ exactly the counted one. dryRun answers with exactly the hold the real call take
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing import keys, limits, tokens
-from tests.chat_support import MODEL, account_row, cost, request_record, settled
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.chat_support import MODEL, PRICES, account_row, cost, request_record, settled
 from tests.factories import make_account, make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
+from tests.serving import running
 
 FUNDS = 10_000_000
 CONTENT = "the quick brown fox jumps over the lazy dog " * 1_000  # 44,000 ASCII characters, ~9,000 tokens
@@ -52,11 +58,13 @@ def test_the_bound_is_what_the_test_computes_and_far_above_the_count() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(st.characters(codec=None, exclude_categories=()), max_size=300))
-def test_the_bound_is_never_below_the_count(text: str) -> None:
-    """Any text, lone surrogates included: one token per UTF-8 byte is never fewer tokens than tiktoken's."""
-    prompt = tokens.Prompt.of([{"role": "user", "content": text}])
-    assert prompt.bound() >= tokens.count_prompt_sync([{"role": "user", "content": text}])
+@given(st.text(st.characters(codec=None, exclude_categories=()), max_size=300), st.booleans())
+def test_the_bound_is_never_below_the_count(text: str, in_tools: bool) -> None:
+    """Any text, lone surrogates included, in a message or in a tool definition (counted as its JSON): one token
+    per UTF-8 byte is never fewer tokens than tiktoken's."""
+    messages = [{"role": "user", "content": "" if in_tools else text}]
+    tools = [{"type": "function", "function": {"name": "f", "description": text}}] if in_tools else None
+    assert tokens.Prompt.of(messages, tools).bound() >= tokens.count_prompt_sync(messages, tools)
 
 
 async def test_a_covered_large_prompt_is_held_on_its_bound_and_charged_its_usage(
@@ -87,6 +95,35 @@ async def test_a_balance_short_of_the_bound_gets_the_counted_hold_in_full(
     assert record["hold_micros"] == balance
 
 
+async def test_a_balance_between_the_bounds_minimum_and_its_hold_is_counted_not_reduced(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    """The bound must be all or nothing: a balance that affords the bound only with a smaller max_tokens gets the
+    counted hold in full, never a reduction the count would not make."""
+    balance = cost(padded(BOUND), 50)
+    assert cost(padded(BOUND), 16) < balance < cost(padded(BOUND), 100) and counted_hold(100) < balance
+    _, secret = await make_customer(pool, balance_micros=balance)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    assert "X-Max-Tokens-Reduced-To" not in resp.headers
+    assert openrouter.bodies[0]["max_tokens"] == 100
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == counted_hold(100)
+
+
+async def test_a_balance_of_exactly_the_bound_hold_is_held_on_the_bound_and_dry_run_says_so(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    balance = cost(padded(BOUND), 100)
+    _, secret = await make_customer(pool, balance_micros=balance)
+    dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
+    assert (dry["total_cost_micros"], dry["sufficient_balance"]) == (balance, True)
+    resp = await call(chat_client, secret)
+    assert resp.status == 200
+    record = await request_record(pool, resp.headers["X-Request-Id"])
+    assert record["hold_micros"] == balance
+
+
 async def test_a_key_limit_short_of_the_bound_gets_the_counted_hold_in_full(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
@@ -103,13 +140,14 @@ async def test_a_key_limit_short_of_the_bound_gets_the_counted_hold_in_full(
 async def test_a_balance_short_of_the_counted_hold_gets_the_counted_max_tokens(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
-    prompt_cost = cost(padded(tokens.count_prompt_sync(BIG)), 0)
-    balance = prompt_cost + 60 * 3  # the counted prompt and 60 output tokens at 3 micros each
+    prompt = padded(tokens.count_prompt_sync(BIG))
+    balance = cost(prompt, 0) + 60 * 3  # the counted prompt and 60 output tokens at 3 micros each
     _, secret = await make_customer(pool, balance_micros=balance)
     resp = await call(chat_client, secret)
     assert resp.status == 200
-    affordable = int(resp.headers["X-Max-Tokens-Reduced-To"])
-    assert affordable in (60, 61)
+    # The most output whose exact cost, beside the counted prompt's, fits in the balance.
+    affordable = math.floor((balance * 1_000_000 - prompt * PRICES.input) / PRICES.output)
+    assert resp.headers["X-Max-Tokens-Reduced-To"] == str(affordable)
     assert openrouter.bodies[0]["max_tokens"] == affordable
 
 
@@ -195,3 +233,33 @@ async def test_dry_run_is_the_counted_hold_when_the_balance_or_the_key_limit_is_
         assert resp.status == 200
         record = await request_record(pool, resp.headers["X-Request-Id"])
         assert record["hold_micros"] == dry["total_cost_micros"]
+
+
+async def test_a_delivered_answer_without_usage_is_charged_even_if_the_handler_is_cancelled_while_counting(
+    chat_settings: Settings, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    """Counting a prompt near the 1 MiB body limit takes tens of milliseconds in a thread, after the upstream has
+    answered without usage. The client leaves during that count and the handler is cancelled
+    (handler_cancellation): the call was delivered upstream, so it must still be charged, estimated."""
+    openrouter.usage = "absent"
+    messages = [{"role": "user", "content": CONTENT[:43] * 23_000}]  # ~1,000,000 characters
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    async with running(create_app(chat_settings), handler_cancellation=True) as base, \
+            aiohttp.ClientSession() as http:
+        pending = asyncio.ensure_future(http.post(f"{base}/v1/chat/completions", headers=auth(secret),
+                                                  json={"model": MODEL, "messages": messages, "max_tokens": 100}))
+        for _ in range(1_000):
+            if openrouter.finished:
+                break
+            await asyncio.sleep(0.005)
+        assert openrouter.finished == 1
+        await asyncio.sleep(0.02)  # the gateway has read the answer and is counting the prompt
+        pending.cancel()  # the client leaves
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        [hold] = await settled(pool, account_id)
+    charge = cost(tokens.count_prompt_sync(messages), tokens.count_text(CONTENT_PIECE * 5))
+    assert (hold["state"], hold["actual_micros"]) == ("settled", charge)
+    record = await request_record(pool, hold["request_id"])
+    assert (record["status"], record["estimated"], record["cost_micros"]) == ("completed", True, charge)
+    assert tuple(await account_row(pool, account_id)) == (FUNDS - charge, 0)
