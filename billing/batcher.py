@@ -128,7 +128,7 @@ class _Queue(Generic[Item, Out]):
         outcomes: Sequence[Out | BaseException]
         try:
             outcomes = await self._run_batch(items) if len(items) > 1 else [await self._run_one(items[0])]
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, BillingError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, BillingError, ledger.KeyRefusal) as exc:
             if len(items) == 1:
                 outcomes = [exc]
             else:
@@ -161,8 +161,12 @@ class LedgerBatcher:
                       ttl_seconds: float, key_id: str | None = None) -> Reservation:
         """As ledger.reserve; the hold exists (committed) when this returns."""
         low = ledger.hold_minimum(amount_micros, min_micros)
-        return await self._holds.submit(_Hold(request_id, account_id, low, amount_micros,
-                                              ledger.ttl_ms(ttl_seconds), key_id))
+        try:
+            return await self._holds.submit(_Hold(request_id, account_id, low, amount_micros,
+                                                  ledger.ttl_ms(ttl_seconds), key_id))
+        except ledger.KeyRefusal as refused:  # worded here, not in the batch task
+            raise await ledger.key_limit_refusal(self._pool, key_id or "", refused.remaining,
+                                                 refused.resets_at) from None
 
     async def settle(self, *, request_id: str, account_id: str, actual_micros: int, estimated: bool = False,
                      record: dict[str, Any] | None = None) -> Resolution:
@@ -179,7 +183,7 @@ class LedgerBatcher:
                 "settle_batches": self._charges.statements, "settles": self._charges.items}
 
     async def _reserve_one(self, hold: _Hold) -> Reservation:
-        return await ledger.reserve(self._pool, request_id=hold.request_id, account_id=hold.account_id,
+        return await ledger.reserve_unworded(self._pool, request_id=hold.request_id, account_id=hold.account_id,
                                     amount_micros=hold.high, min_micros=hold.low,
                                     ttl_seconds=hold.ttl_ms / 1000, key_id=hold.key_id)
 
@@ -199,9 +203,9 @@ class LedgerBatcher:
         for n, i in enumerate(order, start=1):
             hold = holds[i]
             try:
-                out[i] = await ledger.reservation(self._pool, by_n.get(n), request_id=hold.request_id,
-                                                  account_id=hold.account_id, low=hold.low, key_id=hold.key_id)
-            except (BillingError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                out[i] = ledger.decided(by_n.get(n), request_id=hold.request_id, account_id=hold.account_id,
+                                        low=hold.low)
+            except (BillingError, ledger.KeyRefusal, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 out[i] = exc  # the batch has committed: a failure here is this item's, never a reason to rerun
         return out
 

@@ -67,6 +67,17 @@ async def reserve(
     Raises InsufficientBalance (carrying what was required and what was available), KeyLimitExceeded (the key's
     spend limit, checked in the same statement) or AccountNotFound.
     """
+    try:
+        return await reserve_unworded(conn, request_id=request_id, account_id=account_id,
+                                      amount_micros=amount_micros, min_micros=min_micros, ttl_seconds=ttl_seconds,
+                                      key_id=key_id)
+    except KeyRefusal as refused:
+        raise await key_limit_refusal(conn, key_id or "", refused.remaining, refused.resets_at) from None
+
+
+async def reserve_unworded(conn: Executor, *, request_id: str, account_id: str, amount_micros: int,
+                           min_micros: int | None, ttl_seconds: float, key_id: str | None) -> Reservation:
+    """`reserve`, but a key-limit refusal raises KeyRefusal, to be worded by the caller (one more read)."""
     low = hold_minimum(amount_micros, min_micros)
     try:
         row = await conn.fetchrow(
@@ -75,7 +86,7 @@ async def reserve(
         )
     except asyncpg.UniqueViolationError:
         raise DuplicateRequest(f"request {request_id!r} already has a hold") from None
-    return await reservation(conn, row, request_id=request_id, account_id=account_id, low=low, key_id=key_id)
+    return decided(row, request_id=request_id, account_id=account_id, low=low)
 
 
 def hold_minimum(amount_micros: int, min_micros: int | None) -> int:
@@ -91,14 +102,23 @@ def ttl_ms(ttl_seconds: float) -> int:
     return max(1, int(ttl_seconds * 1000))
 
 
-async def reservation(conn: Executor, row: asyncpg.Record | None, *, request_id: str, account_id: str, low: int,
-                      key_id: str | None) -> Reservation:
-    """The outcome of one meterline_reserve row (billing.batcher reads batched rows with it too)."""
+class KeyRefusal(Exception):
+    """A meterline_reserve row refused by the key's spend limit, before its error is worded (which needs a read:
+    billing.batcher words it after the batch, so that refusals never hold up the holds queued behind them)."""
+
+    def __init__(self, remaining: int, resets_at: datetime) -> None:
+        super().__init__("refused by the key's spend limit")
+        self.remaining = remaining
+        self.resets_at = resets_at
+
+
+def decided(row: asyncpg.Record | None, *, request_id: str, account_id: str, low: int) -> Reservation:
+    """The outcome of one meterline_reserve row, but for a key-limit refusal's wording: raises KeyRefusal."""
     assert row is not None
     if row["available"] is None:
         raise AccountNotFound(account_id)
     if row["granted"] is None and row["expires_at"] is not None:
-        raise await key_limit_refusal(conn, key_id or "", row["available"], row["expires_at"])
+        raise KeyRefusal(row["available"], row["expires_at"])
     if row["granted"] is None:
         available = row["available"]
         raise InsufficientBalance(

@@ -7,9 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
-from billing import ledger
+from billing import keys, ledger, limits
 from billing.batcher import LedgerBatcher, _Queue
-from billing.errors import DuplicateRequest, InsufficientBalance, UnknownHold
+from billing.errors import DuplicateRequest, InsufficientBalance, KeyLimitExceeded, UnknownHold
 from billing.verify import verify
 from tests.factories import make_account, request_id
 
@@ -129,3 +129,32 @@ async def test_a_batch_that_fails_unexpectedly_fails_its_callers_instead_of_leav
     await queue.close()
     assert [r.getMessage() for r in caplog.records if r.name == "meterline.batcher"] == [
         "a test batch failed unexpectedly"]
+
+
+async def test_key_limit_refusals_in_a_batch_are_worded_for_their_callers(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key's spend limit refuses inside the batched statement; the refusal's wording (the limit, what is left)
+    needs one more read, made for each refused caller after the batch, not inside it."""
+    account = await make_account(pool, balance_micros=100 * HOLD)
+    row, _ = await keys.create_key(pool, account_id=account, name="limited")
+    await limits.set_key_limits(pool, row["id"], {"limit_micros": 3 * HOLD, "limit_reset": "daily"})
+    batcher = LedgerBatcher(pool)
+
+    async def hold() -> ledger.Reservation | KeyLimitExceeded:
+        try:
+            return await batcher.reserve(request_id=request_id(), account_id=account, amount_micros=HOLD,
+                                         ttl_seconds=60, key_id=row["id"])
+        except KeyLimitExceeded as exc:
+            return exc
+
+    first = asyncio.ensure_future(hold())  # occupies the slot: the next five go as one batch
+    await asyncio.sleep(0)
+    rest = asyncio.gather(*[hold() for _ in range(5)])
+    outcomes = [await first, *await rest]
+    refused = [o for o in outcomes if isinstance(o, KeyLimitExceeded)]
+    assert sum(isinstance(o, ledger.Reservation) for o in outcomes) == 3
+    assert [(e.limit_micros, e.remaining_micros, e.limit_reset) for e in refused] == [(3 * HOLD, 0, "daily")] * 3
+    assert batcher.stats()["reserve_batches"] == 2
+    assert not [r for r in caplog.records if r.name == "meterline.batcher"]
+    assert await verify(pool) == []
