@@ -184,8 +184,8 @@ class LedgerBatcher:
 
     async def _reserve_one(self, hold: _Hold) -> Reservation:
         return await ledger.reserve_unworded(self._pool, request_id=hold.request_id, account_id=hold.account_id,
-                                    amount_micros=hold.high, min_micros=hold.low,
-                                    ttl_seconds=hold.ttl_ms / 1000, key_id=hold.key_id)
+                                             amount_micros=hold.high, min_micros=hold.low,
+                                             ttl_seconds=hold.ttl_ms / 1000, key_id=hold.key_id)
 
     async def _settle_one(self, charge: _Charge) -> Resolution:
         return await ledger.settle(self._pool, request_id=charge.request_id, actual_micros=charge.actual_micros,
