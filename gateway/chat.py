@@ -88,6 +88,12 @@ def _priced(chat: ChatRequest, entry: CatalogEntry, prompt: tokens.Prompt, count
                   min_output=settings.min_output_tokens)
 
 
+async def _counted(priced: Priced, settings: Settings) -> Priced:
+    """A bounded request priced again on its prompt's tiktoken count."""
+    return _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
+                   settings=settings)
+
+
 async def _hold(bill: Bill, priced: Priced, key: ApiKey, settings: Settings) -> tuple[Priced, Reservation]:
     """Reserve the hold; returns the pricing it was taken on. A bounded prompt is first held in full on its
     bound; only if the balance or the key's limit cannot cover that is the prompt counted, so that the answer
@@ -99,8 +105,7 @@ async def _hold(bill: Bill, priced: Priced, key: ApiKey, settings: Settings) -> 
             return priced, await bill.reserve(account_id=key.account_id, key_id=key.id, amount_micros=total,
                                               min_micros=total)
         except (InsufficientBalance, KeyLimitExceeded):
-            priced = _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
-                             settings=settings)
+            priced = await _counted(priced, settings)
     return priced, await bill.reserve(account_id=key.account_id, key_id=key.id,
                                       amount_micros=priced.estimate.total_micros, min_micros=priced.minimum)
 
@@ -116,8 +121,7 @@ async def _estimate(request: web.Request, priced: Priced, key: ApiKey, settings:
     available, key_left = await ledger.coverable_micros(request.app[POOL], key.account_id, key.id)
     total = priced.estimate.total_micros
     if not priced.exact and not (_grants(available, total) and _grants(key_left, total)):
-        priced = _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
-                         settings=settings)
+        priced = await _counted(priced, settings)
     return json_response(priced.estimate.as_dict(model=priced.entry.id, provider=priced.entry.upstream,
                                                  available_micros=available))
 
