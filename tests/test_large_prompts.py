@@ -50,6 +50,15 @@ async def call(client: TestClient, secret: str, url: str = "/v1/chat/completions
                              json={"model": MODEL, "messages": BIG, "max_tokens": 100, **extra})
 
 
+async def held_in_full(client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, secret: str) -> Any:
+    """Call with BIG and max_tokens 100, check it went through with its max_tokens untouched; its request record."""
+    resp = await call(client, secret)
+    assert resp.status == 200
+    assert "X-Max-Tokens-Reduced-To" not in resp.headers
+    assert openrouter.bodies[-1]["max_tokens"] == 100
+    return await request_record(pool, resp.headers["X-Request-Id"])
+
+
 def test_the_bound_is_what_the_test_computes_and_far_above_the_count() -> None:
     prompt = tokens.Prompt.of(BIG)
     assert prompt.large
@@ -72,11 +81,7 @@ async def test_a_covered_large_prompt_is_held_on_its_bound_and_charged_its_usage
 ) -> None:
     openrouter.prompt_tokens, openrouter.completion_tokens = 9_001, 5
     account_id, secret = await make_customer(pool, balance_micros=FUNDS)
-    resp = await call(chat_client, secret)
-    assert resp.status == 200
-    assert "X-Max-Tokens-Reduced-To" not in resp.headers
-    assert openrouter.bodies[0]["max_tokens"] == 100
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == cost(padded(BOUND), 100)
     assert (record["cost_micros"], record["estimated"]) == (cost(9_001, 5), False)
     assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(9_001, 5), 0)
@@ -88,10 +93,7 @@ async def test_a_balance_short_of_the_bound_gets_the_counted_hold_in_full(
     balance = counted_hold(100)
     assert cost(padded(BOUND), 100) > balance
     _, secret = await make_customer(pool, balance_micros=balance)
-    resp = await call(chat_client, secret)
-    assert resp.status == 200
-    assert "X-Max-Tokens-Reduced-To" not in resp.headers
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == balance
 
 
@@ -103,11 +105,7 @@ async def test_a_balance_between_the_bounds_minimum_and_its_hold_is_counted_not_
     balance = cost(padded(BOUND), 50)
     assert cost(padded(BOUND), 16) < balance < cost(padded(BOUND), 100) and counted_hold(100) < balance
     _, secret = await make_customer(pool, balance_micros=balance)
-    resp = await call(chat_client, secret)
-    assert resp.status == 200
-    assert "X-Max-Tokens-Reduced-To" not in resp.headers
-    assert openrouter.bodies[0]["max_tokens"] == 100
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == counted_hold(100)
 
 
@@ -118,9 +116,7 @@ async def test_a_balance_of_exactly_the_bound_hold_is_held_on_the_bound_and_dry_
     _, secret = await make_customer(pool, balance_micros=balance)
     dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
     assert (dry["total_cost_micros"], dry["sufficient_balance"]) == (balance, True)
-    resp = await call(chat_client, secret)
-    assert resp.status == 200
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == balance
 
 
@@ -130,10 +126,7 @@ async def test_a_key_limit_short_of_the_bound_gets_the_counted_hold_in_full(
     account_id = await make_account(pool, balance_micros=FUNDS)
     row, secret = await keys.create_key(pool, account_id=account_id, name="limited")
     await limits.set_key_limits(pool, row["id"], {"limit_micros": counted_hold(100), "limit_reset": "daily"})
-    resp = await call(chat_client, secret)
-    assert resp.status == 200
-    assert "X-Max-Tokens-Reduced-To" not in resp.headers
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == counted_hold(100)
 
 
@@ -213,8 +206,7 @@ async def test_dry_run_is_the_bound_hold_when_the_balance_covers_it(
     assert dry["total_cost_micros"] == cost(padded(BOUND), 100)
     assert dry["components"][0]["quantity"] == BOUND
     assert openrouter.calls["chat"] == 0
-    resp = await call(chat_client, secret)
-    record = await request_record(pool, resp.headers["X-Request-Id"])
+    record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == dry["total_cost_micros"]
 
 
@@ -229,9 +221,7 @@ async def test_dry_run_is_the_counted_hold_when_the_balance_or_the_key_limit_is_
         dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
         assert dry["total_cost_micros"] == counted_hold(100)
         assert dry["components"][0]["quantity"] == tokens.count_prompt_sync(BIG)
-        resp = await call(chat_client, secret)
-        assert resp.status == 200
-        record = await request_record(pool, resp.headers["X-Request-Id"])
+        record = await held_in_full(chat_client, pool, openrouter, secret)
         assert record["hold_micros"] == dry["total_cost_micros"]
 
 
