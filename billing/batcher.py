@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from billing import db, ledger
-from billing.errors import BillingError
+from billing.errors import BillingError, DatabaseUnavailable
 from billing.ledger import Reservation, Resolution
 
 log = logging.getLogger("meterline.batcher")
@@ -128,9 +128,11 @@ class _Queue(Generic[Item, Out]):
         outcomes: Sequence[Out | BaseException]
         try:
             outcomes = await self._run_batch(items) if len(items) > 1 else [await self._run_one(items[0])]
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, BillingError, ledger.KeyRefusal) as exc:
-            if len(items) == 1:
-                outcomes = [exc]
+        except (DatabaseUnavailable, asyncpg.PostgresError, BillingError, ledger.KeyRefusal) as exc:
+            if len(items) == 1 or isinstance(exc, DatabaseUnavailable):
+                # An unavailable database fails every item alike; retrying them one by one would only double
+                # the attempts (settlements are retried by their owners).
+                outcomes = [exc] * len(items)
             else:
                 log.warning("a %s batch of %d failed (%s); retrying its items one by one",
                             self.name, len(items), exc)
@@ -205,7 +207,7 @@ class LedgerBatcher:
             try:
                 out[i] = ledger.decided(by_n.get(n), request_id=hold.request_id, account_id=hold.account_id,
                                         low=hold.low)
-            except (BillingError, ledger.KeyRefusal, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            except (BillingError, ledger.KeyRefusal) as exc:
                 out[i] = exc  # the batch has committed: a failure here is this item's, never a reason to rerun
         return out
 
@@ -223,6 +225,6 @@ class LedgerBatcher:
             try:
                 out[i] = ledger.resolution(row if row is not None and row["state"] is not None else None,
                                            charges[i].request_id)
-            except (BillingError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            except BillingError as exc:
                 out[i] = exc  # the batch has committed: a failure here is this item's, never a reason to rerun
         return out

@@ -10,7 +10,11 @@
     ├── DuplicateRequest       a hold for a request id that already has one
     └── UnknownHold            settle or void of a request id that was never held
 
-The HTTP edge renders each as an OpenAI-shaped error; asyncpg's own errors are translated in billing.ledger.
+    DatabaseUnavailable        PostgreSQL did not answer: down, unreachable, restarting, or hung past the command
+                               timeout (not a BillingError: it says nothing about the request, and is retryable)
+
+The HTTP edge renders each as an OpenAI-shaped error. asyncpg's errors are translated exactly once: connection
+failures into DatabaseUnavailable by billing.db's connection class, constraint answers in billing.ledger.
 """
 
 from __future__ import annotations
@@ -72,3 +76,14 @@ class UnknownHold(BillingError):
     def __init__(self, request_id: str) -> None:
         super().__init__(f"No hold for request {request_id!r}")
         self.request_id = request_id
+
+
+class DatabaseUnavailable(Exception):
+    """The database could not be reached or did not answer in time.
+
+    `before_query` is true when the failure came while connecting, so no statement can have run (a hold cannot
+    exist); otherwise a statement may have committed just before its answer was lost."""
+
+    def __init__(self, message: str, *, before_query: bool = False) -> None:
+        super().__init__(message)
+        self.before_query = before_query

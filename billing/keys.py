@@ -24,7 +24,7 @@ import asyncpg
 
 from billing.accounts import get_account, new_id
 from billing.db import Executor
-from billing.errors import KeyNotFound
+from billing.errors import DatabaseUnavailable, KeyNotFound
 
 KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters
@@ -175,6 +175,7 @@ async def follow_key_changes(connect: Callable[[], Awaitable[asyncpg.Connection]
     changes committed before the beat was sent have been seen, and the store may trust long-lived answers for
     `trust_seconds` after it. A lost link makes the store deaf (short TTL) until a new link is listening.
     """
+    lost = False  # said once per lost link; the attempts that fail while the database is away say nothing
     while True:
         conn: asyncpg.Connection | None = None
         try:
@@ -182,6 +183,9 @@ async def follow_key_changes(connect: Callable[[], Awaitable[asyncpg.Connection]
             await conn.add_listener(KEY_CHANNEL, lambda _c, _pid, _channel, payload: store.evict(payload))
             # Whatever changed before this link listened is unknown: older answers keep the short TTL.
             store.listening_from(time.monotonic())
+            if lost:
+                log.info("key-change listener linked again")
+                lost = False
             while True:
                 sent = time.monotonic()
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that races
@@ -190,8 +194,12 @@ async def follow_key_changes(connect: Callable[[], Awaitable[asyncpg.Connection]
                     await conn.fetchval("SELECT 1")
                 store.heard(sent + trust_seconds)
                 await asyncio.sleep(beat_seconds)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("key-change listener lost its link (%s); cached keys fall back to the short TTL", exc)
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            if not lost:
+                # An outage is the database's to report (billing.db logs it once); a link lost on its own is news.
+                log.log(logging.INFO if isinstance(exc, DatabaseUnavailable) else logging.WARNING,
+                        "key-change listener lost its link (%s); cached keys fall back to the short TTL", exc)
+                lost = True
         finally:
             store.deaf()
             if conn is not None:

@@ -25,6 +25,7 @@ UNFINISHED = ("queued", "in_progress")
 
 @dataclass(frozen=True, slots=True)
 class NewVideo:
+    request_id: str  # the hold's id (and the creating request's)
     account_id: str
     key_id: str | None
     model: str
@@ -53,7 +54,7 @@ async def create(
     """Hold the job's price and store the job, leased to `lease_owner`, in the caller's transaction.
 
     Raises InsufficientBalance (nothing is stored) like ledger.reserve."""
-    request_id = new_id("req")
+    request_id = job.request_id
     await ledger.reserve(conn, request_id=request_id, account_id=job.account_id,
                          amount_micros=job.price_micros, ttl_seconds=hold_ttl_seconds, key_id=job.key_id)
     row = await conn.fetchrow(

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import asyncpg
 from aiohttp import web
 
 from billing import db
 from billing.batcher import LedgerBatcher
+from billing.errors import DatabaseUnavailable
 from billing.keys import KeyStore, follow_key_changes
 from gateway import admin, auth, chat, consumer, images, media_poller, models_api, settlement, usage, videos
 from gateway.errors import error_middleware
@@ -26,7 +26,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     url = settings.database_url
     if url is None:
         url = await asyncio.to_thread(db.embedded_database_url, settings.data_dir)
-    pool = await db.create_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size)
+    health = db.Health()
+    pool = await db.create_pool(url, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+                                health=health, command_timeout=settings.database_timeout_seconds)
     try:
         async with pool.acquire() as conn:
             await db.apply_schema(conn)
@@ -34,8 +36,11 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)
         app[LEDGER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max)
-        listener = asyncio.create_task(follow_key_changes(lambda: db.connect(url), app[KEY_STORE]),
-                                       name="key-change listener")
+        listener = asyncio.create_task(
+            follow_key_changes(lambda: db.connect(url, health=health,
+                                                  command_timeout=settings.database_timeout_seconds),
+                               app[KEY_STORE]),
+            name="key-change listener")
         try:
             yield
         finally:
@@ -63,10 +68,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
-        await asyncio.wait_for(db.ping(request.app[POOL]), timeout=2)
+        await db.ping(request.app[POOL], timeout=2)
         checks["database"] = "ok"
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        checks["database"] = f"unavailable: {type(exc).__name__}"
+    except DatabaseUnavailable:
+        checks["database"] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
     # The catalog is reported, not required: with a stale or local-only catalog the gateway still serves.
     return json_response({"status": "ready" if ready else "unavailable", "checks": checks,
@@ -76,7 +81,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
-    app.on_response_prepare.append(auth.add_rate_headers)
+    app.on_response_prepare.append(auth.stamp_response)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)

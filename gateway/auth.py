@@ -10,7 +10,7 @@ from aiohttp import web
 
 from billing import limits
 from billing.keys import ApiKey
-from gateway.errors import ApiError, Handler, unauthenticated
+from gateway.errors import REQUEST_ID, REQUEST_ID_HEADER, ApiError, Handler, unauthenticated
 from gateway.keys import API_KEY, KEY_STORE, POOL, SETTINGS
 
 RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
@@ -74,9 +74,13 @@ def rate_limited(key: ApiKey, decision: limits.RateDecision) -> ApiError:
     )
 
 
-async def add_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: an admitted request of a rate-limited key tells the client where it stands, on
-    streamed responses too (headers go out when the response is prepared)."""
+async def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare, so streamed responses get them too (headers go out when a response is prepared):
+    every response carries its request's X-Request-Id, and an admitted request of a rate-limited key tells the
+    client where it stands."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
     headers = request.get(RATE_HEADERS)
     if headers:
         response.headers.update(headers)

@@ -15,7 +15,6 @@ from typing import Any
 from aiohttp import web
 
 from billing import ledger, pricing, tokens
-from billing.accounts import new_id
 from billing.catalog import CatalogEntry
 from billing.errors import InsufficientBalance, KeyLimitExceeded
 from billing.keys import ApiKey
@@ -28,7 +27,7 @@ from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_record
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import ApiError
+from gateway.errors import REQUEST_ID, ApiError
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
@@ -142,14 +141,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if is_dry_run:
         return await _estimate(request, priced, key, settings)
     target = upstream.upstream_named(app, entry.upstream)
-    request_id = new_id("req")
+    request_id = request[REQUEST_ID]
     bill = Bill(app, request_id=request_id, record={
         "model": entry.id, "modality": "text", "endpoint": request.path, "upstream": entry.upstream,
         "user": chat.user,
     })
     priced, reservation = await _hold(bill, priced, key, settings)
     cap = priced.output_cap(reservation.granted_micros, settings.min_output_tokens)
-    headers = {"X-Request-Id": request_id}
+    headers: dict[str, str] = {}
     if cap is not None:
         headers[REDUCED_HEADER] = str(cap)
     payload = upstream_body(chat, model_id=entry.id, output_cap=cap)

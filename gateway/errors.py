@@ -1,7 +1,9 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "code", "param"}}`, with Lumenfall's codes.
 
-`ApiError` is what handlers raise; `error_middleware` renders it, translates billing errors, aiohttp's HTTP
-exceptions and malformed input, and turns anything unexpected into a logged 500 that leaks no detail.
+`ApiError` is what handlers raise; `error_middleware` gives every request its id (`X-Request-Id` on every
+response, errors included), renders ApiError, translates billing errors, a database outage (503 with
+Retry-After), aiohttp's HTTP exceptions and malformed input, and turns anything unexpected into a logged 500 that
+leaks no detail.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from billing import errors as billing_errors
+from billing.accounts import new_id
 from gateway.render import iso, json_response
 
 log = logging.getLogger("meterline.errors")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Every request's id: the request record's and the hold's id on billed routes, and X-Request-Id on the response.
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_HEADER = "X-Request-Id"
+# What a client told to come back after a database outage waits: long enough not to hammer a restarting server,
+# short enough that the OpenAI SDKs' retry (which honours Retry-After) rides out a restart.
+RETRY_AFTER_SECONDS = 2
 
 
 class ApiError(Exception):
@@ -63,6 +73,13 @@ def unauthenticated(message: str) -> ApiError:
     return ApiError(401, "AUTHENTICATION_FAILED", message, type="authentication_error")
 
 
+def database_unavailable() -> ApiError:
+    return ApiError(503, "SERVICE_UNAVAILABLE",
+                    f"The service is temporarily unavailable (its database is not answering); retry in "
+                    f"{RETRY_AFTER_SECONDS} seconds", type="server_error",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def from_validation(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
     param = ".".join(str(p) for p in err["loc"]) or None
@@ -101,6 +118,7 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LA
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = new_id("req")
     if "%00" in request.raw_path:
         # PostgreSQL text cannot hold NUL: refuse it here rather than let it reach a query as an id or filter.
         return invalid("The request path or query contains a NUL character (%00)").response()
@@ -108,6 +126,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except billing_errors.DatabaseUnavailable:
+        # Logged once per outage by billing.db's Health, not once per request.
+        return database_unavailable().response()
     except billing_errors.BillingError as exc:
         return from_billing(exc).response()
     except ValidationError as exc:

@@ -19,7 +19,6 @@ from aiohttp import web
 
 from billing import idempotency as idem
 from billing import ledger
-from billing.accounts import new_id
 from billing.catalog_config import ImageModelConfig
 from billing.errors import UnknownHold
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
@@ -27,7 +26,7 @@ from gateway import bodies, media, settlement
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import invalid
+from gateway.errors import REQUEST_ID, invalid
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.multipart import Form, multipart_body, read_form
 from gateway.render import json_response, usd_number
@@ -144,7 +143,7 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
         if stored is not None:
             return json_response(stored.response, status=stored.status_code,
                                  headers={"Idempotent-Replayed": "true"})
-    request_id = new_id("req")
+    request_id = request[REQUEST_ID]
     started = time.monotonic()
     record: dict[str, Any] = {
         "model": model, "modality": "image", "endpoint": request.path, "upstream": upstream.name,
@@ -177,7 +176,7 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
         await settlement.shielded(app, _resolve(
             app, request_id=request_id, reservation=reservation, charge=charge, outcome=outcome, record=record,
             failure=failure, scope=scope, idem_key=idem_key), f"resolve {request_id}")
-    return json_response(outcome, headers={"X-Request-Id": request_id, "X-Cost-Micros": str(charge)})
+    return json_response(outcome, headers={"X-Cost-Micros": str(charge)})
 
 
 async def _resolve(app: web.Application, *, request_id: str, reservation: asyncio.Task[ledger.Reservation],

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from billing import idempotency, videos
+from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS
 from gateway.tasks import every, spawn
 from gateway.upstream import UpstreamError, upstream_named
@@ -106,9 +106,9 @@ async def poll_due(app: web.Application) -> int:
     for job in jobs:
         try:
             await refresh(app, job)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except DatabaseUnavailable:
             # The job keeps its lease until it expires, then any poller retries it; the others go on.
-            log.warning("recording video %s failed", job["id"], exc_info=True)
+            log.debug("recording video %s waits for the database", job["id"])
     return len(jobs)
 
 

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     pool_min_size: int = Field(default=2, ge=1)
     pool_max_size: int = Field(default=20, ge=1)
+    # A statement that runs longer counts as the database hanging (503, or a settlement retried); reports and
+    # statements, which may read much more, get their own longer limit.
+    database_timeout_seconds: float = Field(default=10.0, gt=0)
     # Holds and settlements of concurrent requests share one transaction, up to this many (1: one each).
     ledger_batch_max: int = Field(default=256, ge=1, le=10_000)
     # aiohttp's per-request access log line. Off by default: every billed call already has its request record,

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import asyncpg
 from aiohttp import web
 
 from billing import ledger
-from billing.errors import BillingError, DuplicateRequest, UnknownHold
+from billing.errors import BillingError, DatabaseUnavailable, DuplicateRequest, UnknownHold
 from billing.ledger import Reservation, Resolution
 from gateway.keys import LEDGER, POOL, SETTINGS, SETTLING
 
@@ -39,9 +39,11 @@ def own(app: web.Application, coro: Coroutine[Any, Any, T], name: str) -> asynci
 
 
 def _finished(task: asyncio.Task[Any]) -> None:
-    # A billing refusal (insufficient balance, a key limit) is an answer the awaiting handler renders, not a
-    # fault; anything else is logged here because a cancelled handler may no longer be awaiting the task.
-    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, BillingError):
+    # A billing refusal (insufficient balance, a key limit) or an outage (logged once by billing.db) is an
+    # answer the awaiting handler renders, not a fault; anything else is logged here because a cancelled
+    # handler may no longer be awaiting the task.
+    if (not task.cancelled() and (exc := task.exception()) is not None
+            and not isinstance(exc, BillingError | DatabaseUnavailable)):
         log.error("%s failed", task.get_name(), exc_info=exc)
 
 
@@ -50,20 +52,23 @@ async def shielded(app: web.Application, coro: Coroutine[Any, Any, T], name: str
     return await asyncio.shield(own(app, coro, name))
 
 
-_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
+_FIRST_RETRY_SECONDS = 0.05
+_MAX_RETRY_SECONDS = 2.0
 
 
 async def durably(call: Callable[[], Awaitable[T]]) -> T:
-    """Run a settle or void until the database answers. Both are exactly-once in SQL (a repeat returns the stored
-    outcome), so retrying after a lost connection or a deadlock can never charge twice, while giving up would
-    leave the hold to expire uncharged. A billing answer (UnknownHold, ...) is final and raised at once."""
-    for delay in _RETRY_DELAYS:
+    """Run a settle or void until the database answers, for as long as the process lives: there is no give-up
+    timer. Both are exactly-once in SQL (a repeat returns the stored outcome), so retrying after a lost connection
+    or a deadlock can never charge twice, while giving up would leave the hold to expire uncharged. A billing
+    answer (UnknownHold, ...) is final and raised at once. Retries back off to every ~2 s, jittered so that the
+    settlements an outage piled up do not all return at once; they log nothing (billing.db logs the outage)."""
+    delay = _FIRST_RETRY_SECONDS
+    while True:
         try:
             return await call()
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            log.warning("ledger call failed (%s); retrying in %.2fs", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-    return await call()
+        except DatabaseUnavailable:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, _MAX_RETRY_SECONDS)
 
 
 class Bill:

@@ -7,10 +7,10 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 from aiohttp import web
 
 from billing import ledger
+from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 
 log = logging.getLogger("meterline.tasks")
@@ -39,8 +39,8 @@ async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str
         await asyncio.sleep(seconds * random.uniform(0.8, 1.2))
         try:
             await step()
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
-            log.warning("%s failed; retrying in about %.1fs", what, seconds, exc_info=True)
+        except DatabaseUnavailable:
+            log.debug("%s: the database is unavailable; retrying in about %.1fs", what, seconds)
         except Exception:
             # A supervisor loop: the sweeper and the video poller are what settle and expire holds nobody else
             # will, so a bug met on one tick (an upstream's odd answer) must be logged, not end the loop.

@@ -23,7 +23,7 @@ from gateway import bodies, media, settlement
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import ApiError, not_found
+from gateway.errors import REQUEST_ID, ApiError, not_found
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, fail, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
@@ -109,9 +109,9 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     idem_key = media.idempotency_key(request)
     job, replayed = await videos.create_once(
         app[POOL],
-        videos.NewVideo(account_id=key.account_id, key_id=key.id, model=model, upstream=upstream.name,
-                        endpoint=request.path, prompt=prompt, size=quote.size, seconds=quote.seconds,
-                        price_micros=quote.hold_micros),
+        videos.NewVideo(request_id=request[REQUEST_ID], account_id=key.account_id, key_id=key.id, model=model,
+                        upstream=upstream.name, endpoint=request.path, prompt=prompt, size=quote.size,
+                        seconds=quote.seconds, price_micros=quote.hold_micros),
         idempotency=(idem.scope("videos", key.account_id), idem_key, fingerprint) if idem_key else None,
         # The hold outlives the longest job plus the time to notice it finished, so it never expires first.
         hold_ttl_seconds=settings.video_max_job_seconds + settings.hold_ttl_seconds,
@@ -119,9 +119,8 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         lease_owner=app[POLLER_ID],
         lease_seconds=upstream.settings.timeout_seconds + _CREATION_MARGIN_SECONDS,
     )
-    headers = {"X-Request-Id": job["request_id"]}
     if replayed:
-        return json_response(render(request, job), status=202, headers={**headers, "Idempotent-Replayed": "true"})
+        return json_response(render(request, job), status=202, headers={"Idempotent-Replayed": "true"})
     started: dict[str, Any] | None = None
     failure: UpstreamError | None = None
     try:
@@ -146,7 +145,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
             message = failure.message if failure is not None else "the request was cancelled"
             code = failure.code if failure is not None else "cancelled"
             await settlement.shielded(app, _fail(app, job, message, code), f"void video {job['id']}")
-    return json_response(render(request, started or job), status=202, headers=headers)
+    return json_response(render(request, started or job), status=202)
 
 
 async def _fail(app: web.Application, job: dict[str, Any], message: str, code: str) -> None:
