@@ -1,4 +1,6 @@
--- Meterline schema. Applying it twice is harmless: every statement is idempotent.
+-- Meterline's whole schema, as the numbered migrations in billing/migrations/ build it (`meterline migrate`, and
+-- every start, apply the pending ones and record them in meterline_migrations). This file is for reading, and for
+-- creating an empty database in one go: tests/test_schema.py proves it builds exactly what the migrations build.
 --
 -- Money model (TigerBeetle-style double entry, integer micros = 1/1,000,000 USD):
 --   * Every movement is one row in `transfers`: `amount_micros` leaves `debit_account_id` and enters
@@ -7,19 +9,12 @@
 --     locked row, decided inside PostgreSQL. balance = credits_posted - debits_posted; available = balance - held.
 --   * Operator accounts (revenue, funding, adjustments) keep no cached balance (a CHECK pins the columns to 0):
 --     their balance is the sum of their transfers, so no request ever locks a shared operator row.
---   * `transfers` is append-only (a trigger refuses UPDATE and DELETE); corrections are new transfers.
+--   * `transfers` is append-only (triggers refuse UPDATE, DELETE and TRUNCATE); corrections are new transfers.
 --   * `holds` are two-phase pending amounts. A hold moves exactly once out of `pending` (to settled, voided or
 --     expired), plus one late move expired -> settled so that a charge that completes after its hold expired is
 --     still posted. Every move is a conditional UPDATE on the locked hold row, so it happens once.
 
--- Which schema.sql text was last applied (its SHA-256): a process starting on a current schema skips it.
-CREATE TABLE IF NOT EXISTS meterline_schema (
-    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
-    digest     text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE TABLE IF NOT EXISTS accounts (
+CREATE TABLE accounts (
     id             text PRIMARY KEY,
     kind           text NOT NULL CHECK (kind IN ('customer', 'revenue', 'funding', 'adjustments')),
     name           text NOT NULL,
@@ -40,18 +35,28 @@ CREATE OR REPLACE FUNCTION meterline_seed() RETURNS void LANGUAGE sql AS $$
 $$;
 SELECT meterline_seed();
 
-CREATE TABLE IF NOT EXISTS api_keys (
+CREATE TABLE api_keys (
     id          text PRIMARY KEY,
     account_id  text NOT NULL REFERENCES accounts (id),
     name        text,
     prefix      text NOT NULL,
     digest      bytea NOT NULL UNIQUE CHECK (octet_length(digest) = 32),
     created_at  timestamptz NOT NULL DEFAULT now(),
-    revoked_at  timestamptz
+    revoked_at  timestamptz,
+    -- Per-key limits. A spend limit is enforced inside meterline_reserve under the same locks as the balance: the
+    -- key row caches its spend in the current window and its pending holds, like an account does. Windows start
+    -- at 00:00 UTC; weeks start on Monday (date_trunc('week')). A NULL limit_reset never resets.
+    limit_micros        bigint CHECK (limit_micros >= 0),
+    limit_reset         text CHECK (limit_reset IN ('daily', 'weekly', 'monthly')),
+    window_start        timestamptz,
+    window_spent_micros bigint NOT NULL DEFAULT 0,
+    held_micros         bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0),
+    rpm_limit           integer CHECK (rpm_limit BETWEEN 1 AND 1000),
+    rpd_limit           integer CHECK (rpd_limit BETWEEN 1 AND 10000)
 );
-CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id, created_at);
+CREATE INDEX api_keys_account ON api_keys (account_id, created_at);
 
-CREATE TABLE IF NOT EXISTS transfers (
+CREATE TABLE transfers (
     id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- The customer side of the transfer (every kind we write has exactly one), for per-account reads.
     account_id           text NOT NULL REFERENCES accounts (id),
@@ -70,19 +75,20 @@ CREATE TABLE IF NOT EXISTS transfers (
     CHECK (account_id IN (debit_account_id, credit_account_id)),
     CHECK ((kind = 'charge') = (request_id IS NOT NULL))
 );
-CREATE INDEX IF NOT EXISTS transfers_account ON transfers (account_id, id);
-CREATE INDEX IF NOT EXISTS transfers_created ON transfers (created_at, id);
+CREATE INDEX transfers_account ON transfers (account_id, id);
+CREATE INDEX transfers_created ON transfers (created_at, id);
 
 CREATE OR REPLACE FUNCTION meterline_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the ledger is append-only: % on % is refused', TG_OP, TG_TABLE_NAME
         USING ERRCODE = 'ML002';
 END $$;
-DROP TRIGGER IF EXISTS transfers_append_only ON transfers;
 CREATE TRIGGER transfers_append_only BEFORE UPDATE OR DELETE ON transfers
     FOR EACH ROW EXECUTE FUNCTION meterline_append_only();
+CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON transfers
+    FOR EACH STATEMENT EXECUTE FUNCTION meterline_append_only();
 
-CREATE TABLE IF NOT EXISTS holds (
+CREATE TABLE holds (
     request_id     text PRIMARY KEY,
     account_id     text NOT NULL REFERENCES accounts (id),
     key_id         text,
@@ -95,11 +101,15 @@ CREATE TABLE IF NOT EXISTS holds (
     overrun_micros bigint NOT NULL DEFAULT 0 CHECK (overrun_micros >= 0),
     expired_first  boolean NOT NULL DEFAULT false,
     reason         text,
+    -- Whether this hold counts against its key's cached held_micros (the key had a limit when it was made), so
+    -- that releasing it later is exact even if the limit was changed in between.
+    key_limited    boolean NOT NULL DEFAULT false,
     CHECK ((state = 'pending') = (resolved_at IS NULL)),
     CHECK ((state = 'settled') = (actual_micros IS NOT NULL))
 );
-CREATE INDEX IF NOT EXISTS holds_pending_expiry ON holds (expires_at) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS holds_account ON holds (account_id, created_at);
+CREATE INDEX holds_pending_expiry ON holds (expires_at) WHERE state = 'pending';
+CREATE INDEX holds_account ON holds (account_id, created_at);
+CREATE INDEX holds_key ON holds (key_id, created_at) WHERE key_id IS NOT NULL;
 
 -- A hold only ever leaves `pending`, or goes expired -> settled (a late charge). Nothing else moves it.
 CREATE OR REPLACE FUNCTION meterline_hold_transition() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -114,12 +124,13 @@ BEGIN
     END IF;
     RETURN NEW;
 END $$;
-DROP TRIGGER IF EXISTS holds_transition ON holds;
 CREATE TRIGGER holds_transition BEFORE UPDATE OR DELETE ON holds
     FOR EACH ROW EXECUTE FUNCTION meterline_hold_transition();
+CREATE TRIGGER holds_no_truncate BEFORE TRUNCATE ON holds
+    FOR EACH STATEMENT EXECUTE FUNCTION meterline_append_only();
 
 -- One row per billed call, written in the same transaction as its settlement or void.
-CREATE TABLE IF NOT EXISTS requests (
+CREATE TABLE requests (
     id                   text PRIMARY KEY,
     account_id           text NOT NULL REFERENCES accounts (id),
     key_id               text,
@@ -147,9 +158,10 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at           timestamptz NOT NULL,
     finished_at          timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS requests_account_created ON requests (account_id, created_at DESC, id DESC);
+CREATE INDEX requests_account_created ON requests (account_id, created_at DESC, id DESC);
+CREATE INDEX requests_created ON requests (created_at, id);
 
-CREATE TABLE IF NOT EXISTS idempotency_keys (
+CREATE TABLE idempotency_keys (
     scope         text NOT NULL,
     key           text NOT NULL,
     request_hash  bytea NOT NULL,
@@ -158,17 +170,6 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, key)
 );
-
--- Per-key limits (issue 5). A spend limit is enforced inside meterline_reserve under the same locks as the
--- balance: the key row caches its spend in the current window and its pending holds, like an account does.
--- Windows start at 00:00 UTC; weeks start on Monday (date_trunc('week')). A NULL limit_reset never resets.
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_micros bigint CHECK (limit_micros >= 0);
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_reset text CHECK (limit_reset IN ('daily', 'weekly', 'monthly'));
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_start timestamptz;
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_spent_micros bigint NOT NULL DEFAULT 0;
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS held_micros bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0);
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm_limit integer CHECK (rpm_limit BETWEEN 1 AND 1000);
-ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpd_limit integer CHECK (rpd_limit BETWEEN 1 AND 10000);
 
 -- Gateways cache authenticated keys and LISTEN here (billing.keys.follow_key_changes): every change to what they
 -- cache (revocation, request limits, a new key) is announced with the key's digest, after commit. Spend counters
@@ -179,15 +180,9 @@ BEGIN
                       encode(CASE WHEN TG_OP = 'INSERT' THEN NEW.digest ELSE OLD.digest END, 'hex'));
     RETURN NULL;
 END $$;
-DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
 CREATE TRIGGER api_keys_changed
     AFTER INSERT OR DELETE OR UPDATE OF account_id, name, prefix, digest, revoked_at, rpm_limit, rpd_limit
     ON api_keys FOR EACH ROW EXECUTE FUNCTION meterline_key_changed();
--- Whether this hold counts against its key's cached held_micros (the key had a limit when it was made), so that
--- releasing it later is exact even if the limit was changed in between.
-ALTER TABLE holds ADD COLUMN IF NOT EXISTS key_limited boolean NOT NULL DEFAULT false;
-CREATE INDEX IF NOT EXISTS holds_key ON holds (key_id, created_at) WHERE key_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at, id);
 
 -- The clock for limit windows: `SET meterline.now = '...'` pins it (tests, replays); otherwise now().
 CREATE OR REPLACE FUNCTION meterline_now() RETURNS timestamptz LANGUAGE sql STABLE AS $$
@@ -242,7 +237,7 @@ END $$;
 
 -- Rate limits: one counter row per key, kind and window, bumped only while under the limit. Both windows are
 -- decided in one call; a request refused by either window is counted in neither.
-CREATE TABLE IF NOT EXISTS rate_windows (
+CREATE TABLE rate_windows (
     key_id       text NOT NULL,
     kind         text NOT NULL CHECK (kind IN ('minute', 'day')),
     window_start timestamptz NOT NULL,
@@ -536,7 +531,7 @@ END $$;
 -- outcome. Any gateway process may poll a job: it first takes a lease (lease_owner, lease_until) with
 -- FOR UPDATE SKIP LOCKED, so each poll happens in one process; a lease left by a crashed process expires and the
 -- job is picked up again. Settlement is guarded twice: by the status check here and by the hold's own state.
-CREATE TABLE IF NOT EXISTS videos (
+CREATE TABLE videos (
     id           text PRIMARY KEY,
     account_id   text NOT NULL REFERENCES accounts (id),
     key_id       text,
@@ -562,5 +557,15 @@ CREATE TABLE IF NOT EXISTS videos (
     lease_until  timestamptz,
     CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
 );
-CREATE INDEX IF NOT EXISTS videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');
-CREATE INDEX IF NOT EXISTS videos_account ON videos (account_id, created_at);
+CREATE INDEX videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');
+CREATE INDEX videos_account ON videos (account_id, created_at);
+
+-- Which numbered migrations this database has (billing.schema): a database built from this file has them all.
+CREATE TABLE meterline_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO meterline_migrations (version, name) VALUES
+    (1, 'initial'),
+    (2, 'ledger_refuses_truncate');

@@ -29,7 +29,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from billing import db  # noqa: E402 - after making the project importable when run as a script
+from billing import db, schema  # noqa: E402 - after making the project importable when run as a script
 
 TOKEN = "bench-admin-token-0123456789"
 FROM, TO = "2000-01-01T00:00:00Z", "2100-01-01T00:00:00Z"
@@ -50,7 +50,7 @@ async def load(server_url: str, name: str, rows: int) -> str:
     url = _with_database(server_url, name)
     conn = await db.connect(url)
     try:
-        await db.apply_schema(conn)
+        await schema.migrate(conn)
         await conn.execute("INSERT INTO accounts (id, kind, name) VALUES ('acct_bench', 'customer', 'bench')")
         # One bulk statement (not N ledger calls): the export only reads transfers, and the cached balance is
         # set to match so `meterline verify` would still pass.

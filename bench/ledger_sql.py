@@ -33,6 +33,8 @@ RECORD = {"model": "bench-model", "modality": "text", "endpoint": "/v1/chat/comp
           "upstream_cost_micros": None, "status": "completed", "duration_ms": 1,
           "usage": {"prompt_tokens": 250, "completion_tokens": 16, "total_tokens": 266}}
 ACCOUNTS = 1_000
+# The whole schema, as the migrations build it: the settle function is read from here to time it part by part.
+SCHEMA_SQL = Path(__file__).resolve().parent.parent / "schema.sql"
 
 # Parts of meterline_settle left out one at a time (regex over the function's body in schema.sql).
 _SETTLE_PARTS = {
@@ -46,7 +48,7 @@ _SETTLE_PARTS = {
 async def _setup(url: str, schema: str) -> list[tuple[str, str]]:
     conn = await db.connect(url)
     try:
-        await db.apply_schema(conn)
+        await schema.migrate(conn)
         await conn.execute(
             "INSERT INTO accounts (id, kind, name, credits_posted) SELECT 'sqlb_' || i, 'customer', 'bench', "
             "1000000000000 FROM generate_series(1, $1) i ON CONFLICT DO NOTHING", ACCOUNTS)
@@ -97,7 +99,7 @@ async def _time(url: str, accounts: list[tuple[str, str]], seconds: float, *, sy
 
 
 async def _run(url: str, seconds: float) -> dict[str, Any]:
-    accounts = await _setup(url, db.SCHEMA_PATH.read_text(encoding="utf-8"))
+    accounts = await _setup(url, SCHEMA_SQL.read_text(encoding="utf-8"))
     await _time(url, accounts, min(seconds, 1.0), synchronous=True)  # warm caches and plans
     out: dict[str, Any] = {}
     for synchronous in (True, False):

@@ -21,7 +21,7 @@ import asyncpg
 
 from bench.procs import ROOT, Service, cpu_seconds, descendants, free_port, python_module
 from bench.upstream import MODEL
-from billing import accounts, db, keys, ledger
+from billing import accounts, db, keys, ledger, schema
 
 ADMIN_TOKEN = "bench-admin-token-" + "0" * 16
 FUNDING_MICROS = 100_000 * 1_000_000  # $100,000 per account: no run comes near it
@@ -83,7 +83,7 @@ async def _create_customers(url: str, spread: int) -> Customers:
     pool = await db.create_pool(url, min_size=1, max_size=8)
     try:
         async with pool.acquire() as conn:
-            await db.apply_schema(conn)
+            await schema.migrate(conn)
 
         async def customer(name: str) -> str:
             async with pool.acquire() as conn:

@@ -1,4 +1,4 @@
-"""Where the database lives: the embedded PostgreSQL (pgserver), the connection pool, and the schema.
+"""Where the database lives: the embedded PostgreSQL (pgserver) and the connections to it.
 
 Every connection Meterline opens is a `Connection`, whose queries translate the failures that mean "the database
 is not answering" (refused or lost connections, a server shutting down, a statement past the command timeout)
@@ -9,7 +9,6 @@ when the database goes away and one when it is back, rather than one per failed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -25,9 +24,6 @@ from billing.errors import DatabaseUnavailable
 # What every ledger call runs on: a connection (inside a caller's transaction) or the pool.
 Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
-# Any constant works; it only has to be the same in every process that applies the schema.
-_SCHEMA_LOCK = 0x6D657465726C696E  # "meterlin"
 
 
 def embedded_database_url(data_dir: Path) -> str:
@@ -273,36 +269,6 @@ async def connect(url: str, *, health: Health | None = None,
     return conn
 
 
-async def apply_schema(conn: asyncpg.Connection, *, force: bool = False) -> bool:
-    """Apply schema.sql unless this exact text was applied already (or `force`); returns whether it ran.
-
-    Serialised by an advisory lock so that several processes may start at once. Skipping a current schema
-    matters: re-running it takes exclusive table locks (DROP TRIGGER, ALTER TABLE), so a gateway starting while
-    a long export reads `transfers` would otherwise stall every settlement until the export ends.
-    """
-    sql = SCHEMA_PATH.read_text(encoding="utf-8")
-    digest = hashlib.sha256(sql.encode()).hexdigest()
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-        if (not force and await conn.fetchval("SELECT to_regclass('meterline_schema') IS NOT NULL")
-                and await conn.fetchval("SELECT digest FROM meterline_schema") == digest):
-            return False
-        await conn.execute(sql)
-        await conn.execute(
-            "INSERT INTO meterline_schema (id, digest) VALUES (true, $1)"
-            " ON CONFLICT (id) DO UPDATE SET digest = excluded.digest, applied_at = now()", digest
-        )
-    return True
-
-
 async def ping(conn: asyncpg.Connection | asyncpg.Pool, *, timeout: float | None = None) -> None:
     """A round trip to the database (readiness); DatabaseUnavailable when it does not answer."""
     await conn.fetchval("SELECT 1", timeout=timeout)
-
-
-async def reset(conn: asyncpg.Connection) -> None:
-    """Empty every table and restore the seed rows (tests use this between cases)."""
-    tables = await conn.fetchval(
-        "SELECT string_agg(format('%I', tablename), ', ') FROM pg_tables WHERE schemaname = 'public'"
-    )
-    await conn.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE; SELECT meterline_seed();")

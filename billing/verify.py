@@ -7,7 +7,7 @@ from billing.db import Executor
 # Each check is a query returning one row per violation, with a human sentence in `problem`.
 _CHECKS: dict[str, str] = {
     "zero-sum": """
-        SELECT format('the accounts do not sum to zero: they total %s micros', total) AS problem
+        SELECT format('the accounts do not sum to zero: their balances total %s micros', total) AS problem
           FROM (SELECT sum(bal) AS total FROM (
                   SELECT credit_account_id AS acct, amount_micros AS bal FROM transfers
                   UNION ALL
@@ -42,18 +42,20 @@ _CHECKS: dict[str, str] = {
          WHERE k.held_micros <> COALESCE(h.total, 0)
     """,
     "stale-holds": """
-        SELECT format('hold %s is still pending %s after its expiry',
-                      request_id, date_trunc('second', now() - expires_at)) AS problem
+        SELECT format('hold %s expired at %s but is still pending at %s (%s later)', request_id, expires_at, now(),
+                      date_trunc('second', now() - expires_at)) AS problem
           FROM holds
          WHERE state = 'pending' AND expires_at < now() - make_interval(secs => $1)
     """,
     "charges": """
         SELECT format('settled hold %s charged %s micros but its charge transfer says %s',
-                      h.request_id, h.actual_micros, t.amount_micros) AS problem
+                      h.request_id, h.actual_micros, COALESCE(t.amount_micros || ' micros', 'nothing (there is none)'))
+               AS problem
           FROM holds h LEFT JOIN transfers t ON t.request_id = h.request_id
          WHERE h.state = 'settled' AND t.amount_micros IS DISTINCT FROM h.actual_micros
         UNION ALL
-        SELECT format('charge %s for request %s has no settled hold', t.id, t.request_id)
+        SELECT format('charge transfer %s of %s micros for request %s has no settled hold: the hold is %s',
+                      t.id, t.amount_micros, t.request_id, COALESCE(h.state, 'missing'))
           FROM transfers t LEFT JOIN holds h ON h.request_id = t.request_id
          WHERE t.kind = 'charge' AND h.state IS DISTINCT FROM 'settled'
     """,

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from billing import db
+from billing import db, schema
 from billing.batcher import LedgerBatcher
 from billing.errors import DatabaseUnavailable
 from billing.keys import KeyStore, follow_key_changes
@@ -31,7 +31,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
                                 health=health, command_timeout=settings.database_timeout_seconds)
     try:
         async with pool.acquire() as conn:
-            await db.apply_schema(conn)
+            await schema.migrate(conn)
         app[POOL] = pool
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)

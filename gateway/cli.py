@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from billing import accounts, db, exports, keys, ledger, statements
+from billing import accounts, db, exports, keys, ledger, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
@@ -28,7 +28,7 @@ def _database_url(settings: Settings) -> str:
 async def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
     conn = await db.connect(_database_url(settings))
     try:
-        await db.apply_schema(conn)
+        await schema.migrate(conn)
         return await work(conn)
     finally:
         await conn.close()
@@ -54,9 +54,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    # An explicit migrate always runs schema.sql (every statement in it is idempotent); starts skip a current one.
-    asyncio.run(_with_db(settings, lambda conn: db.apply_schema(conn, force=True)))
-    print("schema applied")
+    async def run() -> tuple[list[int], list[int]]:
+        conn = await db.connect(_database_url(settings))
+        try:
+            return await schema.migrate(conn), await schema.applied(conn)
+        finally:
+            await conn.close()
+
+    now, recorded = asyncio.run(run())
+    _print({"object": "migrations", "applied_now": now, "schema_version": max(recorded, default=0)})
     return 0
 
 
@@ -164,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes sharing the port (SO_REUSEPORT); default 1")
     serve.set_defaults(func=cmd_serve)
 
-    sub.add_parser("migrate", help="apply schema.sql (harmless to repeat)").set_defaults(func=cmd_migrate)
+    sub.add_parser("migrate", help="apply the pending numbered migrations (harmless to repeat)"
+                   ).set_defaults(func=cmd_migrate)
     sub.add_parser("verify", help="check every ledger invariant").set_defaults(func=cmd_verify)
 
     acc = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from billing import db
+from billing import db, schema
 
 
 class StoppablePostgres:
@@ -66,7 +66,7 @@ async def outage_pool(stoppable_postgres: StoppablePostgres) -> AsyncIterator[An
     """A pool on the stoppable server, its schema applied (for the test's own reads and set-up)."""
     conn = await db.connect(stoppable_postgres.url)
     try:
-        await db.apply_schema(conn)
+        await schema.migrate(conn)
     finally:
         await conn.close()
     pool = await db.create_pool(stoppable_postgres.url, min_size=1, max_size=4)

@@ -47,17 +47,18 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def meterline_serve(
-    env: dict[str, str], *args: str
+    env: dict[str, str], *args: str, command: list[str] | None = None, cwd: Path = ROOT,
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """A real `meterline serve [args]` process on a free port, with the caller's METERLINE_* (and upstream key)
     variables and none inherited; yields its base URL once /readyz answers, and its process (a test may kill
-    it). Stopped with SIGINT, as an operator would, when the block ends."""
+    it). Stopped with SIGINT, as an operator would, when the block ends. `command` replaces
+    `python -m gateway.cli` (an installed `meterline` script, say) and `cwd` the repository as working directory."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
     with tempfile.TemporaryFile() as log:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args,
-            cwd=ROOT, env={**clean, **env}, stdout=log, stderr=log,
+            *(command or [sys.executable, "-m", "gateway.cli"]), "serve", "--host", "127.0.0.1", "--port",
+            str(port), *args, cwd=cwd, env={**clean, **env}, stdout=log, stderr=log,
         )
         base = f"http://127.0.0.1:{port}"
 

@@ -17,6 +17,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from billing import db, ledger
 from billing.errors import InsufficientBalance
 from billing.verify import verify
+from tests.conftest import reset
 
 AMOUNTS = st.integers(min_value=0, max_value=5_000)
 
@@ -40,7 +41,7 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.conn: asyncpg.Connection = self.run(db.connect(self.database_url))
-        self.run(db.reset(self.conn))
+        self.run(reset(self.conn))
         self.account = self.run(self.conn.fetchval(
             "INSERT INTO accounts (id, kind, name) VALUES ('acct_sm', 'customer', 'sm') RETURNING id"))
         self.model = Model()

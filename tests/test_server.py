@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing import db, ledger
+from billing import ledger
 from billing.verify import verify
 from tests.conftest import admin_headers
 from tests.factories import make_account, make_customer, request_id
@@ -105,17 +105,3 @@ async def test_a_body_nested_too_deeply_is_a_400(client: TestClient, pool: async
     resp = await client.post(path, data=body, headers={**headers, "Content-Type": "application/json"})
     assert (resp.status, (await resp.json())["error"]["code"]) == (400, "INVALID_REQUEST")
     assert await pool.fetchval("SELECT count(*) FROM holds") == 0
-
-
-async def test_a_start_on_a_current_schema_takes_no_table_locks(pool: asyncpg.Pool, database_url: str) -> None:
-    """Re-running schema.sql needs exclusive locks; a process starting while an export reads the ledger must not
-    wait for it (and make every settlement queue behind it)."""
-    conn = await db.connect(database_url)
-    try:
-        await db.apply_schema(conn)
-        async with pool.acquire() as reader, reader.transaction(isolation="repeatable_read", readonly=True):
-            await reader.fetchval("SELECT count(*) FROM transfers")  # an export's lock on the ledger
-            assert await asyncio.wait_for(db.apply_schema(conn), timeout=10) is False
-        assert await db.apply_schema(conn, force=True) is True  # `meterline migrate` always runs it
-    finally:
-        await conn.close()

@@ -1,0 +1,568 @@
+-- Migration 0001: the schema as Meterline shipped it before numbered migrations (schema.sql, applied whole by a
+-- digest check). Kept verbatim, so that a database it built is brought forward by the migrations after it.
+-- Meterline schema. Applying it twice is harmless: every statement is idempotent.
+--
+-- Money model (TigerBeetle-style double entry, integer micros = 1/1,000,000 USD):
+--   * Every movement is one row in `transfers`: `amount_micros` leaves `debit_account_id` and enters
+--     `credit_account_id`, so the sum of all account balances is zero by construction.
+--   * Customer accounts cache `credits_posted`, `debits_posted` and `held_micros` so that a reservation is one
+--     locked row, decided inside PostgreSQL. balance = credits_posted - debits_posted; available = balance - held.
+--   * Operator accounts (revenue, funding, adjustments) keep no cached balance (a CHECK pins the columns to 0):
+--     their balance is the sum of their transfers, so no request ever locks a shared operator row.
+--   * `transfers` is append-only (a trigger refuses UPDATE and DELETE); corrections are new transfers.
+--   * `holds` are two-phase pending amounts. A hold moves exactly once out of `pending` (to settled, voided or
+--     expired), plus one late move expired -> settled so that a charge that completes after its hold expired is
+--     still posted. Every move is a conditional UPDATE on the locked hold row, so it happens once.
+
+-- Which schema.sql text was last applied (its SHA-256): a process starting on a current schema skips it.
+CREATE TABLE IF NOT EXISTS meterline_schema (
+    id         boolean PRIMARY KEY DEFAULT true CHECK (id),
+    digest     text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS accounts (
+    id             text PRIMARY KEY,
+    kind           text NOT NULL CHECK (kind IN ('customer', 'revenue', 'funding', 'adjustments')),
+    name           text NOT NULL,
+    credits_posted bigint NOT NULL DEFAULT 0 CHECK (credits_posted >= 0),
+    debits_posted  bigint NOT NULL DEFAULT 0 CHECK (debits_posted >= 0),
+    held_micros    bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    CHECK (kind = 'customer' OR (credits_posted = 0 AND debits_posted = 0 AND held_micros = 0))
+);
+
+-- Seed rows every database needs (the operator accounts). Tests call it again after emptying the tables.
+CREATE OR REPLACE FUNCTION meterline_seed() RETURNS void LANGUAGE sql AS $$
+    INSERT INTO accounts (id, kind, name) VALUES
+        ('op_revenue', 'revenue', 'Revenue'),
+        ('op_funding', 'funding', 'Top-up funding'),
+        ('op_adjustments', 'adjustments', 'Manual adjustments')
+    ON CONFLICT (id) DO NOTHING;
+$$;
+SELECT meterline_seed();
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    id          text PRIMARY KEY,
+    account_id  text NOT NULL REFERENCES accounts (id),
+    name        text,
+    prefix      text NOT NULL,
+    digest      bytea NOT NULL UNIQUE CHECK (octet_length(digest) = 32),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+CREATE INDEX IF NOT EXISTS api_keys_account ON api_keys (account_id, created_at);
+
+CREATE TABLE IF NOT EXISTS transfers (
+    id                   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The customer side of the transfer (every kind we write has exactly one), for per-account reads.
+    account_id           text NOT NULL REFERENCES accounts (id),
+    debit_account_id     text NOT NULL REFERENCES accounts (id),
+    credit_account_id    text NOT NULL REFERENCES accounts (id),
+    amount_micros        bigint NOT NULL CHECK (amount_micros >= 0),
+    kind                 text NOT NULL CHECK (kind IN ('topup', 'adjustment', 'charge')),
+    -- One charge per request, ever: this key is what makes a double charge impossible.
+    request_id           text UNIQUE,
+    description          text,
+    overrun_micros       bigint NOT NULL DEFAULT 0 CHECK (overrun_micros >= 0),
+    estimated            boolean NOT NULL DEFAULT false,
+    balance_after_micros bigint NOT NULL,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    CHECK (debit_account_id <> credit_account_id),
+    CHECK (account_id IN (debit_account_id, credit_account_id)),
+    CHECK ((kind = 'charge') = (request_id IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS transfers_account ON transfers (account_id, id);
+CREATE INDEX IF NOT EXISTS transfers_created ON transfers (created_at, id);
+
+CREATE OR REPLACE FUNCTION meterline_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the ledger is append-only: % on % is refused', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'ML002';
+END $$;
+DROP TRIGGER IF EXISTS transfers_append_only ON transfers;
+CREATE TRIGGER transfers_append_only BEFORE UPDATE OR DELETE ON transfers
+    FOR EACH ROW EXECUTE FUNCTION meterline_append_only();
+
+CREATE TABLE IF NOT EXISTS holds (
+    request_id     text PRIMARY KEY,
+    account_id     text NOT NULL REFERENCES accounts (id),
+    key_id         text,
+    amount_micros  bigint NOT NULL CHECK (amount_micros >= 0),
+    state          text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'settled', 'voided', 'expired')),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    expires_at     timestamptz NOT NULL,
+    resolved_at    timestamptz,
+    actual_micros  bigint CHECK (actual_micros >= 0),
+    overrun_micros bigint NOT NULL DEFAULT 0 CHECK (overrun_micros >= 0),
+    expired_first  boolean NOT NULL DEFAULT false,
+    reason         text,
+    CHECK ((state = 'pending') = (resolved_at IS NULL)),
+    CHECK ((state = 'settled') = (actual_micros IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS holds_pending_expiry ON holds (expires_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS holds_account ON holds (account_id, created_at);
+
+-- A hold only ever leaves `pending`, or goes expired -> settled (a late charge). Nothing else moves it.
+CREATE OR REPLACE FUNCTION meterline_hold_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'holds are never deleted' USING ERRCODE = 'ML002';
+    END IF;
+    IF NOT (OLD.state = 'pending' OR (OLD.state = 'expired' AND NEW.state = 'settled'))
+       OR NEW.amount_micros <> OLD.amount_micros OR NEW.account_id <> OLD.account_id THEN
+        RAISE EXCEPTION 'hold % cannot move from % to %', OLD.request_id, OLD.state, NEW.state
+            USING ERRCODE = 'ML002';
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS holds_transition ON holds;
+CREATE TRIGGER holds_transition BEFORE UPDATE OR DELETE ON holds
+    FOR EACH ROW EXECUTE FUNCTION meterline_hold_transition();
+
+-- One row per billed call, written in the same transaction as its settlement or void.
+CREATE TABLE IF NOT EXISTS requests (
+    id                   text PRIMARY KEY,
+    account_id           text NOT NULL REFERENCES accounts (id),
+    key_id               text,
+    model                text,
+    modality             text,
+    endpoint             text,
+    upstream             text,
+    status               text NOT NULL,
+    billing_status       text NOT NULL,
+    error_code           text,
+    error_message        text,
+    "user"               text,
+    prompt_tokens        bigint,
+    completion_tokens    bigint,
+    cached_tokens        bigint,
+    reasoning_tokens     bigint,
+    quantity             bigint,
+    hold_micros          bigint,
+    cost_micros          bigint NOT NULL DEFAULT 0 CHECK (cost_micros >= 0),
+    upstream_cost_micros bigint,
+    estimated            boolean NOT NULL DEFAULT false,
+    overrun_micros       bigint NOT NULL DEFAULT 0,
+    usage                jsonb,
+    duration_ms          integer,
+    created_at           timestamptz NOT NULL,
+    finished_at          timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS requests_account_created ON requests (account_id, created_at DESC, id DESC);
+
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope         text NOT NULL,
+    key           text NOT NULL,
+    request_hash  bytea NOT NULL,
+    status_code   integer,
+    response      jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, key)
+);
+
+-- Per-key limits (issue 5). A spend limit is enforced inside meterline_reserve under the same locks as the
+-- balance: the key row caches its spend in the current window and its pending holds, like an account does.
+-- Windows start at 00:00 UTC; weeks start on Monday (date_trunc('week')). A NULL limit_reset never resets.
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_micros bigint CHECK (limit_micros >= 0);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS limit_reset text CHECK (limit_reset IN ('daily', 'weekly', 'monthly'));
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_start timestamptz;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS window_spent_micros bigint NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS held_micros bigint NOT NULL DEFAULT 0 CHECK (held_micros >= 0);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpm_limit integer CHECK (rpm_limit BETWEEN 1 AND 1000);
+ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS rpd_limit integer CHECK (rpd_limit BETWEEN 1 AND 10000);
+
+-- Gateways cache authenticated keys and LISTEN here (billing.keys.follow_key_changes): every change to what they
+-- cache (revocation, request limits, a new key) is announced with the key's digest, after commit. Spend counters
+-- (held_micros, window_*) are not in the column list, so the money hot path never notifies.
+CREATE OR REPLACE FUNCTION meterline_key_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('meterline_keys',
+                      encode(CASE WHEN TG_OP = 'INSERT' THEN NEW.digest ELSE OLD.digest END, 'hex'));
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS api_keys_changed ON api_keys;
+CREATE TRIGGER api_keys_changed
+    AFTER INSERT OR DELETE OR UPDATE OF account_id, name, prefix, digest, revoked_at, rpm_limit, rpd_limit
+    ON api_keys FOR EACH ROW EXECUTE FUNCTION meterline_key_changed();
+-- Whether this hold counts against its key's cached held_micros (the key had a limit when it was made), so that
+-- releasing it later is exact even if the limit was changed in between.
+ALTER TABLE holds ADD COLUMN IF NOT EXISTS key_limited boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS holds_key ON holds (key_id, created_at) WHERE key_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at, id);
+
+-- The clock for limit windows: `SET meterline.now = '...'` pins it (tests, replays); otherwise now().
+CREATE OR REPLACE FUNCTION meterline_now() RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(NULLIF(current_setting('meterline.now', true), '')::timestamptz, now());
+$$;
+
+-- Start of the limit window containing p_at (UTC); 'epoch' for a limit that never resets.
+CREATE OR REPLACE FUNCTION meterline_window_start(p_reset text, p_at timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_reset
+        WHEN 'daily' THEN date_trunc('day', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        WHEN 'weekly' THEN date_trunc('week', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        WHEN 'monthly' THEN date_trunc('month', p_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+        ELSE 'epoch'::timestamptz END;
+$$;
+
+-- When the window containing p_at ends; 'infinity' for a limit that never resets.
+CREATE OR REPLACE FUNCTION meterline_window_end(p_reset text, p_at timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_reset IS NULL THEN 'infinity'::timestamptz
+        ELSE meterline_window_start(p_reset, p_at) + CASE p_reset
+            WHEN 'daily' THEN interval '1 day' WHEN 'weekly' THEN interval '1 week' ELSE interval '1 month' END
+        END;
+$$;
+
+-- What a key with a spend limit has left in its current window for new holds (its limit less its pending holds
+-- and what it spent in this window).
+CREATE OR REPLACE FUNCTION meterline_key_left(k api_keys) RETURNS bigint LANGUAGE sql STABLE AS $$
+    SELECT k.limit_micros - k.held_micros - CASE
+        WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+        THEN k.window_spent_micros ELSE 0 END;
+$$;
+
+-- Release a resolved hold from its key and add the charge to the key's current window. Called with the
+-- account row already locked (every path locks the account before the key, so keys cannot deadlock).
+CREATE OR REPLACE FUNCTION meterline_key_release(p_hold holds, p_release bigint, p_actual bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_hold.key_id IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE api_keys k
+       SET held_micros = k.held_micros - CASE WHEN p_hold.key_limited THEN p_release ELSE 0 END,
+           window_spent_micros = CASE WHEN p_actual = 0 THEN k.window_spent_micros
+               WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+               THEN k.window_spent_micros + p_actual ELSE p_actual END,
+           window_start = CASE WHEN p_actual = 0 THEN k.window_start
+               ELSE meterline_window_start(k.limit_reset, meterline_now()) END
+     WHERE k.id = p_hold.key_id
+       AND (p_hold.key_limited OR (k.limit_micros IS NOT NULL AND p_actual > 0));
+END $$;
+
+-- Rate limits: one counter row per key, kind and window, bumped only while under the limit. Both windows are
+-- decided in one call; a request refused by either window is counted in neither.
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key_id       text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('minute', 'day')),
+    window_start timestamptz NOT NULL,
+    count        integer NOT NULL CHECK (count >= 0),
+    PRIMARY KEY (key_id, kind, window_start)
+);
+
+CREATE OR REPLACE FUNCTION meterline_rate_bump(
+    p_key_id text, p_kind text, p_start timestamptz, p_limit integer
+) RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_count    integer;
+    v_inserted boolean;
+BEGIN
+    INSERT INTO rate_windows AS r (key_id, kind, window_start, count) VALUES (p_key_id, p_kind, p_start, 1)
+    ON CONFLICT (key_id, kind, window_start) DO UPDATE SET count = r.count + 1 WHERE r.count < p_limit
+    RETURNING r.count, (r.xmax = 0) INTO v_count, v_inserted;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_inserted THEN  -- a new window: the key's older windows are finished
+        DELETE FROM rate_windows WHERE key_id = p_key_id AND kind = p_kind AND window_start < p_start;
+    END IF;
+    RETURN v_count;
+END $$;
+
+-- Count one request against the key's per-minute and per-day limits (NULL = no limit). allowed = false leaves
+-- both counters as they were. The counts returned are the ones in force after this call.
+CREATE OR REPLACE FUNCTION meterline_rate_hit(p_key_id text, p_rpm integer, p_rpd integer)
+RETURNS TABLE (allowed boolean, minute_count integer, minute_reset timestamptz,
+               day_count integer, day_reset timestamptz, at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now    timestamptz := meterline_now();
+    v_minute timestamptz := date_trunc('minute', v_now);
+    v_day    timestamptz := meterline_window_start('daily', v_now);
+    v_m      integer;
+    v_d      integer;
+BEGIN
+    IF p_rpm IS NOT NULL THEN
+        v_m := meterline_rate_bump(p_key_id, 'minute', v_minute, p_rpm);
+        IF v_m IS NULL THEN
+            RETURN QUERY SELECT false, p_rpm, v_minute + interval '1 minute',
+                (SELECT r.count FROM rate_windows r WHERE r.key_id = p_key_id AND r.kind = 'day'
+                    AND r.window_start = v_day), v_day + interval '1 day', v_now;
+            RETURN;
+        END IF;
+    END IF;
+    IF p_rpd IS NOT NULL THEN
+        v_d := meterline_rate_bump(p_key_id, 'day', v_day, p_rpd);
+        IF v_d IS NULL THEN
+            IF v_m IS NOT NULL THEN  -- refused by the day: give the minute its request back
+                UPDATE rate_windows r SET count = r.count - 1
+                 WHERE r.key_id = p_key_id AND r.kind = 'minute' AND r.window_start = v_minute;
+                v_m := v_m - 1;
+            END IF;
+            RETURN QUERY SELECT false, v_m, v_minute + interval '1 minute', p_rpd, v_day + interval '1 day', v_now;
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT true, v_m, v_minute + interval '1 minute', v_d, v_day + interval '1 day', v_now;
+END $$;
+
+-- reserve: hold between p_min and p_max micros (as much of p_max as the balance allows, never less than p_min).
+-- The account row is locked, so concurrent reservations from any number of processes queue here and each sees
+-- the balance the previous one left. Returns granted = NULL when refused (available tells why; NULL account
+-- fields mean no such customer account).
+CREATE OR REPLACE FUNCTION meterline_reserve(
+    p_request_id text, p_account_id text, p_min bigint, p_max bigint, p_ttl_ms bigint, p_key_id text
+) RETURNS TABLE (granted bigint, available bigint, expires_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_available bigint;
+    v_granted   bigint;
+    v_expires   timestamptz;
+    k           api_keys;
+    v_key_left  bigint;
+BEGIN
+    IF p_min < 0 OR p_max < p_min OR p_ttl_ms <= 0 THEN
+        RAISE EXCEPTION 'bad reservation: min %, max %, ttl % ms', p_min, p_max, p_ttl_ms USING ERRCODE = '22023';
+    END IF;
+    SELECT a.credits_posted - a.debits_posted - a.held_micros INTO v_available
+      FROM accounts a WHERE a.id = p_account_id AND a.kind = 'customer' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+    -- A zero hold is refused on a negative balance too: an overrun debt must be paid before new work.
+    IF v_available < p_min OR v_available < 0 THEN
+        RETURN QUERY SELECT NULL::bigint, v_available, NULL::timestamptz;
+        RETURN;
+    END IF;
+    v_granted := LEAST(v_available, p_max);
+    -- A key with a spend limit is locked after its account (the order every path uses) and grants at most what
+    -- is left in its window. A refusal because of the key returns granted = NULL with expires_at = when the
+    -- key's window resets ('infinity' if never) and available = what the key has left.
+    IF p_key_id IS NOT NULL THEN
+        SELECT * INTO k FROM api_keys WHERE id = p_key_id AND limit_micros IS NOT NULL FOR UPDATE;
+        IF FOUND THEN
+            v_key_left := meterline_key_left(k);
+            IF v_key_left < p_min OR v_key_left < 0 THEN
+                RETURN QUERY SELECT NULL::bigint, v_key_left, meterline_window_end(k.limit_reset, meterline_now());
+                RETURN;
+            END IF;
+            v_granted := LEAST(v_granted, v_key_left);
+            UPDATE api_keys SET held_micros = held_micros + v_granted WHERE id = p_key_id;
+        END IF;
+    END IF;
+    UPDATE accounts SET held_micros = held_micros + v_granted WHERE id = p_account_id;
+    INSERT INTO holds (request_id, account_id, key_id, amount_micros, expires_at, key_limited)
+    VALUES (p_request_id, p_account_id, p_key_id, v_granted, now() + p_ttl_ms * interval '1 millisecond',
+            k.id IS NOT NULL)
+    RETURNING holds.expires_at INTO v_expires;
+    RETURN QUERY SELECT v_granted, v_available - v_granted, v_expires;
+END $$;
+
+-- Fill the money fields of a request record from the ledger's truth and store it (first write wins). The record's
+-- own fields are read by name (keys that are not columns are ignored; money fields always come from the ledger):
+-- a column list, not jsonb_populate_record over merged objects, which cost about 30 µs more per settlement.
+CREATE OR REPLACE FUNCTION meterline_record(
+    p_request_id text, p_hold holds, p_billing_status text, p_cost bigint, p_estimated boolean,
+    p_overrun bigint, p_record jsonb
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_record IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO requests (id, account_id, key_id, model, modality, endpoint, upstream, status, billing_status,
+                          error_code, error_message, "user", prompt_tokens, completion_tokens, cached_tokens,
+                          reasoning_tokens, quantity, hold_micros, cost_micros, upstream_cost_micros, estimated,
+                          overrun_micros, usage, duration_ms, created_at)
+    VALUES (p_request_id, p_hold.account_id, p_hold.key_id, p_record->>'model', p_record->>'modality',
+            p_record->>'endpoint', p_record->>'upstream', COALESCE(p_record->>'status', 'completed'),
+            p_billing_status, p_record->>'error_code', p_record->>'error_message', p_record->>'user',
+            (p_record->>'prompt_tokens')::bigint, (p_record->>'completion_tokens')::bigint,
+            (p_record->>'cached_tokens')::bigint, (p_record->>'reasoning_tokens')::bigint,
+            (p_record->>'quantity')::bigint, p_hold.amount_micros, p_cost,
+            (p_record->>'upstream_cost_micros')::bigint, p_estimated, p_overrun,
+            NULLIF(p_record->'usage', 'null'::jsonb), (p_record->>'duration_ms')::integer, p_hold.created_at)
+    ON CONFLICT (id) DO NOTHING;
+END $$;
+
+-- settle: post the actual charge and release the hold. Exactly once: a resolved hold returns its stored outcome
+-- (replayed = true) and writes nothing. actual > held still posts in full; the excess is recorded as overrun.
+CREATE OR REPLACE FUNCTION meterline_settle(
+    p_request_id text, p_actual bigint, p_estimated boolean, p_record jsonb
+) RETURNS TABLE (state text, hold_micros bigint, actual_micros bigint, overrun_micros bigint,
+                 replayed boolean, balance_after bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    h         holds;
+    v_release bigint;
+    v_overrun bigint;
+    v_balance bigint;
+BEGIN
+    IF p_actual IS NULL OR p_actual < 0 THEN
+        RAISE EXCEPTION 'a charge must be a non-negative amount, got %', p_actual USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO h FROM holds WHERE holds.request_id = p_request_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF h.state NOT IN ('pending', 'expired') THEN
+        RETURN QUERY SELECT h.state, h.amount_micros, h.actual_micros, h.overrun_micros, true, NULL::bigint;
+        RETURN;
+    END IF;
+    -- An expired hold already released its amount, so a late charge is all overrun.
+    v_release := CASE WHEN h.state = 'pending' THEN h.amount_micros ELSE 0 END;
+    v_overrun := GREATEST(p_actual - v_release, 0);
+    UPDATE accounts a
+       SET held_micros = a.held_micros - v_release, debits_posted = a.debits_posted + p_actual
+     WHERE a.id = h.account_id
+    RETURNING a.credits_posted - a.debits_posted INTO v_balance;
+    INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, request_id,
+                           overrun_micros, estimated, balance_after_micros)
+    VALUES (h.account_id, h.account_id, 'op_revenue', p_actual, 'charge', p_request_id,
+            v_overrun, p_estimated, v_balance);
+    PERFORM meterline_key_release(h, v_release, p_actual);
+    UPDATE holds SET state = 'settled', actual_micros = p_actual, overrun_micros = v_overrun,
+                     expired_first = (h.state = 'expired'), resolved_at = COALESCE(h.resolved_at, now())
+     WHERE holds.request_id = p_request_id;
+    PERFORM meterline_record(p_request_id, h, 'settled', p_actual, p_estimated, v_overrun, p_record);
+    RETURN QUERY SELECT 'settled'::text, h.amount_micros, p_actual, v_overrun, false, v_balance;
+END $$;
+
+-- void: release the whole hold, charge nothing. Exactly once, like settle.
+CREATE OR REPLACE FUNCTION meterline_void(p_request_id text, p_reason text, p_record jsonb)
+RETURNS TABLE (state text, hold_micros bigint, actual_micros bigint, overrun_micros bigint,
+               replayed boolean, balance_after bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    h holds;
+BEGIN
+    SELECT * INTO h FROM holds WHERE holds.request_id = p_request_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF h.state <> 'pending' THEN
+        RETURN QUERY SELECT h.state, h.amount_micros, h.actual_micros, h.overrun_micros, true, NULL::bigint;
+        RETURN;
+    END IF;
+    UPDATE accounts a SET held_micros = a.held_micros - h.amount_micros WHERE a.id = h.account_id;
+    PERFORM meterline_key_release(h, h.amount_micros, 0);
+    UPDATE holds SET state = 'voided', reason = p_reason, resolved_at = now()
+     WHERE holds.request_id = p_request_id;
+    PERFORM meterline_record(p_request_id, h, 'voided', 0, false, 0,
+                             p_record || jsonb_build_object('error_message', p_reason));
+    RETURN QUERY SELECT 'voided'::text, h.amount_micros, NULL::bigint, 0::bigint, false, NULL::bigint;
+END $$;
+
+-- sweep: expire up to p_limit pending holds past their expiry. SKIP LOCKED lets any number of sweepers run at
+-- once, and the state check under the row lock makes each expiry happen once. Accounts are touched in id order
+-- so that concurrent sweeps cannot deadlock on them.
+CREATE OR REPLACE FUNCTION meterline_sweep(p_limit integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    h       holds;
+    v_count integer := 0;
+BEGIN
+    FOR h IN
+        SELECT * FROM holds
+         WHERE holds.state = 'pending' AND holds.expires_at <= now()
+         ORDER BY holds.account_id, holds.request_id
+         LIMIT p_limit
+         FOR UPDATE SKIP LOCKED
+    LOOP
+        -- Never wait for an account: a batched settlement may hold it while it waits for one of the holds this
+        -- loop has locked. A skipped hold is expired by the next sweep.
+        PERFORM 1 FROM accounts WHERE id = h.account_id FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            CONTINUE;
+        END IF;
+        UPDATE accounts a SET held_micros = a.held_micros - h.amount_micros WHERE a.id = h.account_id;
+        PERFORM meterline_key_release(h, h.amount_micros, 0);
+        UPDATE holds SET state = 'expired', reason = 'hold expired', resolved_at = now()
+         WHERE holds.request_id = h.request_id;
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- post: a top-up or an adjustment between a customer account and an operator account. A positive amount credits
+-- the customer; a negative adjustment debits it only if the available balance covers it (decided under the row
+-- lock). Errors: ML001 = insufficient available balance, ML003 = no such customer account.
+CREATE OR REPLACE FUNCTION meterline_post(
+    p_account_id text, p_kind text, p_amount bigint, p_description text
+) RETURNS TABLE (transfer_id bigint, balance_after bigint, held bigint, created_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_operator text := CASE p_kind WHEN 'topup' THEN 'op_funding' ELSE 'op_adjustments' END;
+    v_balance  bigint;
+    v_held     bigint;
+    v_id       bigint;
+    v_created  timestamptz;
+BEGIN
+    IF p_kind NOT IN ('topup', 'adjustment') OR p_amount = 0 OR (p_kind = 'topup' AND p_amount < 0) THEN
+        RAISE EXCEPTION 'bad posting: % of %', p_kind, p_amount USING ERRCODE = '22023';
+    END IF;
+    IF p_amount > 0 THEN
+        UPDATE accounts a SET credits_posted = a.credits_posted + p_amount
+         WHERE a.id = p_account_id AND a.kind = 'customer'
+        RETURNING a.credits_posted - a.debits_posted, a.held_micros INTO v_balance, v_held;
+    ELSE
+        UPDATE accounts a SET debits_posted = a.debits_posted - p_amount
+         WHERE a.id = p_account_id AND a.kind = 'customer'
+           AND a.credits_posted - a.debits_posted - a.held_micros >= -p_amount
+        RETURNING a.credits_posted - a.debits_posted, a.held_micros INTO v_balance, v_held;
+        IF NOT FOUND THEN
+            SELECT a.credits_posted - a.debits_posted - a.held_micros INTO v_balance
+              FROM accounts a WHERE a.id = p_account_id AND a.kind = 'customer';
+            IF FOUND THEN
+                RAISE EXCEPTION 'available balance does not cover a debit of % micros', -p_amount
+                    USING ERRCODE = 'ML001', DETAIL = v_balance::text;
+            END IF;
+        END IF;
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no customer account %', p_account_id USING ERRCODE = 'ML003';
+    END IF;
+    INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, description,
+                           balance_after_micros)
+    VALUES (p_account_id,
+            CASE WHEN p_amount > 0 THEN v_operator ELSE p_account_id END,
+            CASE WHEN p_amount > 0 THEN p_account_id ELSE v_operator END,
+            abs(p_amount), p_kind, p_description, v_balance)
+    RETURNING transfers.id, transfers.created_at INTO v_id, v_created;
+    RETURN QUERY SELECT v_id, v_balance, v_held, v_created;
+END $$;
+
+-- Video jobs (issue 4): one row per asynchronous upstream job, holding its price until the upstream reports an
+-- outcome. Any gateway process may poll a job: it first takes a lease (lease_owner, lease_until) with
+-- FOR UPDATE SKIP LOCKED, so each poll happens in one process; a lease left by a crashed process expires and the
+-- job is picked up again. Settlement is guarded twice: by the status check here and by the hold's own state.
+CREATE TABLE IF NOT EXISTS videos (
+    id           text PRIMARY KEY,
+    account_id   text NOT NULL REFERENCES accounts (id),
+    key_id       text,
+    request_id   text NOT NULL UNIQUE,
+    model        text NOT NULL,
+    upstream     text NOT NULL,
+    upstream_id  text,
+    endpoint     text,
+    prompt       text,
+    size         text NOT NULL,
+    seconds      integer NOT NULL CHECK (seconds > 0),
+    price_micros bigint NOT NULL CHECK (price_micros >= 0),
+    cost_micros  bigint CHECK (cost_micros >= 0),
+    status       text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'in_progress', 'completed', 'failed')),
+    progress     integer NOT NULL DEFAULT 0,
+    error        jsonb,
+    output       jsonb,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    completed_at timestamptz,
+    deadline_at  timestamptz NOT NULL,
+    next_poll_at timestamptz NOT NULL DEFAULT now(),
+    lease_owner  text,
+    lease_until  timestamptz,
+    CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');
+CREATE INDEX IF NOT EXISTS videos_account ON videos (account_id, created_at);

@@ -1,0 +1,50 @@
+"""`pip install .` (not editable) followed by `meterline serve` works: the schema travels inside the package as
+numbered migrations, and the installed copy, not this checkout, is what runs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from billing import schema
+from tests.conftest import ROOT, _with_database
+from tests.serving import meterline_serve
+
+
+def _run(*command: str | Path, cwd: Path) -> str:
+    done = subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+async def test_the_built_wheel_installs_and_serves_from_any_directory(tmp_path: Path, server_url: str,
+                                                                       fresh_database: Any) -> None:
+    dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    await asyncio.to_thread(_run, sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT,
+                            cwd=tmp_path)
+    [wheel] = dist.glob("meterline-*.whl")
+    # The venv sees the test environment's dependencies (aiohttp, asyncpg, ...), so nothing is downloaded; the
+    # wheel itself is installed into it, and it is the copy that runs (checked below).
+    await asyncio.to_thread(_run, sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
+    await asyncio.to_thread(_run, venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                            wheel, cwd=tmp_path)
+    where = _run(venv / "bin" / "python", "-c", "import billing, gateway; print(billing.__file__, gateway.__file__)",
+                 cwd=elsewhere)
+    assert all(path.startswith(str(venv)) for path in where.split()), where
+
+    database: asyncpg.Connection = await fresh_database()
+    url = _with_database(server_url, await database.fetchval("SELECT current_database()"))
+    env = {"METERLINE_DATABASE_URL": url, "METERLINE_REMOTE_CATALOG": "false"}
+    async with meterline_serve(env, command=[str(venv / "bin" / "meterline")], cwd=elsewhere) as (base, _proc), \
+            aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/readyz") as ready:
+            assert ready.status == 200
+        assert await schema.applied(database) == [m.version for m in schema.migrations()]
+        assert await database.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 3
