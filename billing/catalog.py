@@ -39,6 +39,7 @@ class CatalogEntry:
     prices: TokenPrices | None = None  # text models only
     context_length: int | None = None
     max_output_tokens: int | None = None
+    output_limit_field: str | None = None  # text models: see TextModelConfig.output_limit_field
     config: ModelConfig | None = None  # local entries
     display_name: str | None = None
     created: int = 0
@@ -86,6 +87,7 @@ def local_entry(model_id: str, config: ModelConfig, *, text_upstream: str) -> Ca
                                Fraction(config.output_per_mtok_micros),
                                None if cached is None else Fraction(cached)),
             context_length=config.context_length, max_output_tokens=config.max_output_tokens,
+            output_limit_field=config.output_limit_field,
             config=config, display_name=config.display_name,
         )
     return CatalogEntry(

@@ -29,6 +29,9 @@ class TextModelConfig(_Entry):
     cached_input_per_mtok_micros: Price | None = None
     context_length: int = Field(gt=0)
     max_output_tokens: int = Field(gt=0)
+    # The name the upstream reads the output limit under for this model: None sends the client's own choice
+    # (max_tokens unless it used max_completion_tokens); OpenAI's reasoning models want max_completion_tokens.
+    output_limit_field: Literal["max_tokens", "max_completion_tokens"] | None = None
 
     def pricing(self) -> dict[str, Any]:
         return {

@@ -50,15 +50,27 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def to_json(value: Any) -> str:
-    """JSON text for a jsonb value. PostgreSQL cannot store U+0000 in jsonb (or text), and a request record
-    must never be able to abort the settlement it rides with, so NUL characters are dropped."""
+    """JSON text for a jsonb value. PostgreSQL cannot store U+0000 in jsonb (or text), nor can a lone UTF-16
+    surrogate be encoded for it, and a request record must never be able to abort the settlement it rides with:
+    NUL characters are dropped and lone surrogates become U+FFFD."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return _NUL_ESCAPE.sub(r"\1", text) if "\\u0000" in text else text
+    if "\\u0000" in text:
+        text = _NUL_ESCAPE.sub(r"\1", text)
+    return text if text.isascii() else _without_surrogates(text)
 
 
 def clean_text(value: str) -> str:
-    """`value` without NUL characters, which PostgreSQL text cannot hold."""
-    return value.replace("\x00", "") if "\x00" in value else value
+    """`value` as PostgreSQL text can hold it: without NUL characters, lone surrogates as U+FFFD."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value if value.isascii() else _without_surrogates(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
 
 
 log = logging.getLogger("meterline.database")

@@ -21,15 +21,22 @@ def scope(kind: str, account_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A request's hold on an Idempotency-Key, from `claim` until its result is stored or the claim released."""
+
+    scope: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
     status_code: int
     response: dict[str, Any]
 
 
-async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
-                response: dict[str, Any] | None = None, status_code: int | None = None,
-                stale_after_seconds: float | None = None) -> Stored | None:
-    """Claim `key` for a request with this fingerprint: None when claimed now, the stored result on a replay.
+async def claim(conn: Executor, claim: Claim, *, fingerprint: bytes, response: dict[str, Any] | None = None,
+                status_code: int | None = None, stale_after_seconds: float | None = None) -> Stored | None:
+    """Claim the key for a request with this fingerprint: None when claimed now, the stored result on a replay.
 
     `response` may be stored with the claim when the result is known up front (a video job's id).
     `stale_after_seconds`: an unfinished claim older than this is taken over (by one caller: the takeover is a
@@ -38,7 +45,7 @@ async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
     claimed = await conn.fetchval(
         "INSERT INTO idempotency_keys (scope, key, request_hash, status_code, response)"
         " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
-        scope, key, fingerprint, status_code, response,
+        claim.scope, claim.key, fingerprint, status_code, response,
     )
     if claimed:
         return None
@@ -47,13 +54,13 @@ async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
             "UPDATE idempotency_keys SET created_at = now()"
             " WHERE scope = $1 AND key = $2 AND request_hash = $3 AND response IS NULL"
             "   AND created_at < now() - make_interval(secs => $4) RETURNING true",
-            scope, key, fingerprint, stale_after_seconds,
+            claim.scope, claim.key, fingerprint, stale_after_seconds,
         )
         if taken:
             return None
     stored = await conn.fetchrow(
         "SELECT request_hash, status_code, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        scope, key,
+        claim.scope, claim.key,
     )
     if stored is None:  # released between our insert and read: the first request failed
         raise DuplicateRequest("A request with this Idempotency-Key just failed; retry it")
@@ -66,15 +73,15 @@ async def claim(conn: Executor, *, scope: str, key: str, fingerprint: bytes,
     return Stored(stored["status_code"], stored["response"])
 
 
-async def store(conn: Executor, *, scope: str, key: str, status_code: int, response: dict[str, Any]) -> None:
+async def store(conn: Executor, claim: Claim, *, status_code: int, response: dict[str, Any]) -> None:
     await conn.execute(
         "UPDATE idempotency_keys SET status_code = $3, response = $4 WHERE scope = $1 AND key = $2",
-        scope, key, status_code, response,
+        claim.scope, claim.key, status_code, response,
     )
 
 
-async def release(conn: Executor, *, scope: str, key: str) -> None:
+async def release(conn: Executor, claim: Claim) -> None:
     """Forget a claim whose request failed (only one without a stored result)."""
     await conn.execute(
-        "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND response IS NULL", scope, key
+        "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND response IS NULL", claim.scope, claim.key
     )

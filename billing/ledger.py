@@ -284,14 +284,15 @@ async def post_once(
     IdempotencyConflict.
     """
     async with pool.acquire() as conn, conn.transaction():
-        stored = await idempotency.claim(conn, scope="ledger", key=idempotency_key, fingerprint=fingerprint)
+        claim = idempotency.Claim("ledger", idempotency_key)
+        stored = await idempotency.claim(conn, claim, fingerprint=fingerprint)
         if stored is not None:
             return stored.response, True
         posting = await post(
             conn, account_id=account_id, kind=kind, amount_micros=amount_micros, description=description
         )
         result = posting.as_dict()
-        await idempotency.store(conn, scope="ledger", key=idempotency_key, status_code=201, response=result)
+        await idempotency.store(conn, claim, status_code=201, response=result)
         return result, False
 
 

@@ -58,13 +58,15 @@ def _texts(value: Any, images: list[int]) -> Iterable[str]:
         yield str(value)
 
 
-def _prompt_text(messages: list[Any], tools: Any) -> tuple[str, int, int]:
+def _prompt_text(messages: list[Any], extra: dict[str, Any] | None) -> tuple[str, int, int]:
     images = [0]
     parts: list[str] = []
     for message in messages:
         parts.extend(_texts(message, images))
-    if tools is not None:
-        parts.append(json.dumps(tools, separators=(",", ":"), ensure_ascii=False))
+    if extra:
+        # Every other field forwarded with the messages (tools, schemas, a prediction, ...), as the compact JSON
+        # it travels in: its keys and punctuation count too, so this is never less than its text alone.
+        parts.append(json.dumps(extra, separators=(",", ":"), ensure_ascii=False))
     framing = _PER_MESSAGE * len(messages) + _REPLY_PRIMING
     # One encode call over the joined text: fewer calls, and the newline keeps words from merging.
     return "\n".join(parts), framing, images[0]
@@ -72,15 +74,24 @@ def _prompt_text(messages: list[Any], tools: Any) -> tuple[str, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A chat prompt (messages plus tool definitions) as the text that is counted, its framing and its images."""
+    """A chat prompt (messages plus every other field forwarded with them) as the text that is counted, its
+    framing and its images."""
 
     text: str
     framing: int
     images: int
+    messages: int = 1
+    tools: bool = False  # tool or function definitions come with it (providers wrap them in a system prompt)
 
     @classmethod
-    def of(cls, messages: list[Any], tools: Any = None) -> Prompt:
-        return cls(*_prompt_text(messages, tools))
+    def of(cls, messages: list[Any], extra: dict[str, Any] | None = None) -> Prompt:
+        tools = bool(extra) and any(extra.get(name) for name in ("tools", "functions"))  # type: ignore[union-attr]
+        return cls(*_prompt_text(messages, extra), messages=len(messages), tools=tools)
+
+    def text_bytes(self) -> int:
+        """The UTF-8 size of the counted text (a lone surrogate counts as the three bytes tiktoken reads it as)."""
+        text = self.text
+        return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
     @property
     def large(self) -> bool:
@@ -90,9 +101,7 @@ class Prompt:
     def bound(self) -> int:
         """A token count never below `count()`'s, in O(1) for ASCII text: one token per UTF-8 byte (tiktoken
         encodes a lone surrogate as U+FFFD, three bytes, which is what surrogatepass counts for it)."""
-        text = self.text
-        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-        return size + self.framing + self.images * IMAGE_PART_TOKENS
+        return self.text_bytes() + self.framing + self.images * IMAGE_PART_TOKENS
 
     async def count(self) -> int:
         """tiktoken's count, off the event loop when large."""
@@ -100,8 +109,8 @@ class Prompt:
         return counted + self.framing + self.images * IMAGE_PART_TOKENS
 
 
-def count_prompt_sync(messages: list[Any], tools: Any = None) -> int:
-    text, framing, images = _prompt_text(messages, tools)
+def count_prompt_sync(messages: list[Any], extra: dict[str, Any] | None = None) -> int:
+    text, framing, images = _prompt_text(messages, extra)
     return count_text(text) + framing + images * IMAGE_PART_TOKENS
 
 

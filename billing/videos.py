@@ -11,7 +11,8 @@ ledger's settle or void (which are exactly-once on their own as well).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -19,6 +20,11 @@ from billing import idempotency as idem
 from billing import ledger
 from billing.accounts import new_id
 from billing.db import Executor
+from billing.ledger import Reservation
+from billing.records import RequestRecord
+
+if TYPE_CHECKING:
+    from billing.holds import Hold
 
 UNFINISHED = ("queued", "in_progress")
 
@@ -50,12 +56,12 @@ async def create(
     max_job_seconds: float,
     lease_owner: str,
     lease_seconds: float,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Reservation]:
     """Hold the job's price and store the job, leased to `lease_owner`, in the caller's transaction.
 
     Raises InsufficientBalance (nothing is stored) like ledger.reserve."""
     request_id = job.request_id
-    await ledger.reserve(conn, request_id=request_id, account_id=job.account_id,
+    reservation = await ledger.reserve(conn, request_id=request_id, account_id=job.account_id,
                          amount_micros=job.price_micros, ttl_seconds=hold_ttl_seconds, key_id=job.key_id)
     row = await conn.fetchrow(
         """INSERT INTO videos (id, account_id, key_id, request_id, model, upstream, endpoint, prompt, size,
@@ -67,7 +73,7 @@ async def create(
         job.size, job.seconds, job.price_micros, max_job_seconds, lease_owner, lease_seconds,
     )
     assert row is not None
-    return dict(row)
+    return dict(row), reservation
 
 
 async def create_once(
@@ -79,8 +85,9 @@ async def create_once(
     max_job_seconds: float,
     lease_owner: str,
     lease_seconds: float,
-) -> tuple[dict[str, Any], bool]:
-    """`create` under an optional Idempotency-Key (scope, key, fingerprint): returns (job, replayed).
+) -> tuple[dict[str, Any], Reservation | None]:
+    """`create` under an optional Idempotency-Key (scope, key, fingerprint): returns the job and its new hold
+    (None when the key replays an earlier job).
 
     The key is stored with the new job's id in the job's own transaction, so a duplicate waits for that commit
     and then gets the same job: one job, one hold."""
@@ -88,18 +95,24 @@ async def create_once(
         if idempotency is not None:
             scope, key, fingerprint = idempotency
             video_id = new_id("video")
-            stored = await idem.claim(conn, scope=scope, key=key, fingerprint=fingerprint,
+            stored = await idem.claim(conn, idem.Claim(scope, key), fingerprint=fingerprint,
                                       response={"video_id": video_id}, status_code=202)
             if stored is not None:
                 existing = await get(conn, str(stored.response["video_id"]), account_id=job.account_id)
                 assert existing is not None
-                return existing, True
+                return existing, None
         else:
             video_id = new_id("video")
-        row = await create(conn, job, video_id=video_id, hold_ttl_seconds=hold_ttl_seconds,
-                           max_job_seconds=max_job_seconds, lease_owner=lease_owner,
-                           lease_seconds=lease_seconds)
-        return row, False
+        return await create(conn, job, video_id=video_id, hold_ttl_seconds=hold_ttl_seconds,
+                            max_job_seconds=max_job_seconds, lease_owner=lease_owner, lease_seconds=lease_seconds)
+
+
+def record(job: dict[str, Any], status: str, *, error_code: str | None = None) -> dict[str, Any]:
+    """The request record of a job's settlement or void, made by the poller (the job row knows the call)."""
+    duration = datetime.now(UTC) - job["created_at"]
+    return RequestRecord(model=job["model"], modality="video", endpoint=job["endpoint"], upstream=job["upstream"],
+                         quantity=job["seconds"], status=status, error_code=error_code,
+                         duration_ms=max(0, int(duration.total_seconds() * 1000))).as_json()
 
 
 async def get(conn: Executor, video_id: str, *, account_id: str) -> dict[str, Any] | None:
@@ -168,6 +181,45 @@ async def release(conn: Executor, video_id: str, *, owner: str, retry_seconds: f
             WHERE id = $1 AND lease_owner = $2""",
         video_id, owner, retry_seconds,
     )
+
+
+class VideoCreation:
+    """The hold of a new video job (billing.holds.Steps): taken with the job's row (and its Idempotency-Key) in one
+    transaction; voided with the job marked failed (its key freed) when the upstream never starts it; settled with
+    the job completed. A replayed key makes no hold: `job` is the earlier job and `replayed` is true."""
+
+    void_without_hold = False
+
+    def __init__(self, pool: asyncpg.Pool, new: NewVideo, *, idempotency: tuple[str, str, bytes] | None,
+                 hold_ttl_seconds: float, max_job_seconds: float, lease_owner: str, lease_seconds: float) -> None:
+        self.pool = pool
+        self.new = new
+        self.idempotency = idempotency
+        self.hold_ttl_seconds = hold_ttl_seconds
+        self.max_job_seconds = max_job_seconds
+        self.lease_owner = lease_owner
+        self.lease_seconds = lease_seconds
+        self.job: dict[str, Any] | None = None
+        self.replayed = False
+
+    async def reserve(self, hold: Hold, low: int, high: int) -> Reservation:
+        job, reservation = await create_once(
+            self.pool, self.new, idempotency=self.idempotency, hold_ttl_seconds=self.hold_ttl_seconds,
+            max_job_seconds=self.max_job_seconds, lease_owner=self.lease_owner, lease_seconds=self.lease_seconds)
+        self.job, self.replayed = job, reservation is None
+        return reservation or Reservation(hold.request_id, 0, 0, job["created_at"])
+
+    async def settle(self, hold: Hold, actual_micros: int, estimated: bool, record: dict[str, Any],
+                     response: dict[str, Any] | None) -> None:
+        assert self.job is not None
+        self.job = await complete(self.pool, self.job["id"], output=response, record=record)
+
+    async def void(self, hold: Hold, reason: str, record: dict[str, Any]) -> None:
+        if self.job is None or self.replayed:
+            return  # the job was never stored (so neither was its hold), or it is an earlier call's
+        error = {"code": record.get("error_code") or "creation_failed", "message": reason}
+        self.job = await fail(self.pool, self.job["id"], reason=reason, error=error, record=record,
+                              idempotency_scope=self.idempotency[0] if self.idempotency else None)
 
 
 async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any,

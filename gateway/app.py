@@ -12,13 +12,18 @@ from aiohttp import web
 from billing import db, schema
 from billing.batcher import LedgerBatcher
 from billing.errors import DatabaseUnavailable
+from billing.holds import Holds
 from billing.keys import KeyStore, follow_key_changes
-from gateway import admin, auth, chat, consumer, images, media_poller, models_api, settlement, usage, videos
+from billing.tasks import TaskOwner
+from gateway import admin, auth, chat, consumer, images, media_poller, models_api, usage, videos
 from gateway.errors import error_middleware
-from gateway.keys import CATALOG, HTTP, KEY_STORE, LEDGER, POOL, SETTINGS
+from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
 from gateway.settings import Settings
-from gateway.tasks import background_ctx
+from gateway.tasks import start_sweeper
+
+# The group commit of holds and settlements (only the hold lifecycle, billing.holds, uses it).
+BATCHER = web.AppKey("batcher", LedgerBatcher)
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -35,7 +40,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = pool
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)
-        app[LEDGER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max)
+        app[BATCHER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max)
         listener = asyncio.create_task(
             follow_key_changes(lambda: db.connect(url, health=health,
                                                   command_timeout=settings.database_timeout_seconds),
@@ -47,9 +52,22 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     finally:
-        if LEDGER in app:
-            await app[LEDGER].close()  # batches still queued are written before the pool goes
+        if BATCHER in app:
+            await app[BATCHER].close()  # batches still queued are written before the pool goes
         await pool.close()
+
+
+async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The task owner and the hold lifecycle. Closed before the upstream session and the pool: settlements in
+    flight (streams still being read for their usage included) finish first, up to `shutdown_grace_seconds`."""
+    settings = app[SETTINGS]
+    tasks = TaskOwner()
+    app[TASKS] = tasks
+    app[HOLDS] = Holds(app[POOL], app[BATCHER], tasks, ttl_seconds=settings.hold_ttl_seconds,
+                       void_wait_seconds=settings.stream_settle_wait_seconds)
+    start_sweeper(app)
+    yield
+    await tasks.close(grace_seconds=settings.shutdown_grace_seconds)
 
 
 async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -85,10 +103,9 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)
-    app.cleanup_ctx.append(background_ctx)
-    app.cleanup_ctx.append(models_api.catalog_ctx)  # after background_ctx: its refresh task
-    app.cleanup_ctx.append(settlement.settling_ctx)  # closed first: settlements finish while the pool is open
-    app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after background_ctx: its task set
+    app.cleanup_ctx.append(tasks_ctx)  # after the pool and the session, so it is closed (drained) before them
+    app.cleanup_ctx.append(models_api.catalog_ctx)  # after tasks_ctx: its refresh task
+    app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after tasks_ctx: its polling task
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     consumer.add_routes(app)

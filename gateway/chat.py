@@ -1,128 +1,53 @@
 """`POST chat/completions`: the billed request, non-streaming and streaming, and its `?dryRun=true` estimate.
 
-route → key → validate → price the hold (billing.pricing) → reserve (possibly less, with a lower max_tokens)
-→ forward with the upstream's key → settle from the upstream's usage (estimated only when it is absent) → answer.
-Every hold ends settled or voided, whatever happens to the client or the handler (see gateway.settlement).
+route → key → validate (gateway.chat_request) → quote and hold (billing.text, billing.holds) → forward the body
+built from the validated request, with the output limit the hold covers → settle from the upstream's usage
+(estimated only when it is absent) → answer. Every hold ends settled or voided, whatever happens to the client or
+the handler (billing.holds).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
-from billing import ledger, pricing, tokens
+from billing import pricing, text, tokens
 from billing.catalog import CatalogEntry
-from billing.errors import InsufficientBalance, KeyLimitExceeded
-from billing.keys import ApiKey
-from billing.ledger import Reservation
-from billing.pricing import TokenPrices
+from billing.holds import Hold
+from billing.records import Outcome, RequestRecord
+from billing.text import HoldRules, TextQuote
 from gateway import models_api, upstream
 from gateway.auth import requires_key
 from gateway.bodies import dry_run, read_json_object
 from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
-from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_record
+from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_outcome
 from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import REQUEST_ID, ApiError
-from gateway.keys import API_KEY, POOL, SETTINGS
+from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS, TASKS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
 from gateway.settings import Settings
-from gateway.settlement import Bill, shielded
 
 REDUCED_HEADER = "X-Max-Tokens-Reduced-To"
 
 
-class Priced:
-    """A validated request with its model, prompt count and hold.
-
-    `counted` is tiktoken's count, or (`exact` False), for a prompt longer than `prompt_bound_above_chars`, its
-    upper bound (tokens.Prompt.bound): that holds at least as much as the count would, without counting (~40 ns a
-    byte) before the upstream is even called. A bound is only used for a hold covered in full; see `_hold`.
-    """
-
-    __slots__ = ("chat", "counted", "entry", "estimate", "exact", "max_output", "minimum", "padded", "prices",
-                 "prompt")
-
-    def __init__(self, chat: ChatRequest, entry: CatalogEntry, prompt: tokens.Prompt, counted: int, *,
-                 exact: bool, safety_factor: Decimal, min_output: int) -> None:
-        assert entry.prices is not None
-        self.chat = chat
-        self.entry = entry
-        self.prices: TokenPrices = entry.prices
-        self.prompt = prompt
-        self.counted = counted
-        self.exact = exact
-        self.padded = pricing.padded_prompt_tokens(counted, safety_factor)
-        # The model's limit, else (a remote model publishing neither) the minimum: the hold must be finite.
-        self.max_output = chat.max_output_tokens or entry.max_output_tokens or min_output
-        allowance = self.max_output * chat.n
-        self.estimate = pricing.token_estimate(self.prices, counted_prompt_tokens=counted,
-                                               padded_prompt_tokens=self.padded, max_output_tokens=allowance)
-        self.minimum = pricing.hold_micros(self.prices, prompt_tokens=self.padded,
-                                           max_output_tokens=min(min_output, self.max_output) * chat.n)
-
-    async def prompt_tokens(self) -> int:
-        """tiktoken's count of the prompt, for a charge estimated because the upstream reported no usage."""
-        return self.counted if self.exact else await self.prompt.count()
-
-    def output_cap(self, granted_micros: int, min_output: int) -> int | None:
-        """The per-choice max_tokens the granted hold affords, or None when the full allowance was granted."""
-        if granted_micros >= self.estimate.total_micros:
-            return None
-        total = pricing.affordable_output_tokens(self.prices, granted_micros=granted_micros,
-                                                 prompt_tokens=self.padded,
-                                                 ceiling=self.max_output * self.chat.n)
-        # The minimum hold is rounded like any cost, so the floor can land a token short of the minimum.
-        return max(total // self.chat.n, min(min_output, self.max_output))
+def hold_rules(settings: Settings) -> HoldRules:
+    return HoldRules(safety_factor=settings.prompt_safety_factor, min_output_tokens=settings.min_output_tokens,
+                     bound_above_chars=settings.prompt_bound_above_chars,
+                     default_max_output_tokens=settings.default_max_output_tokens,
+                     overhead_per_message=settings.prompt_overhead_per_message,
+                     overhead_per_request=settings.prompt_overhead_per_request,
+                     overhead_with_tools=settings.prompt_overhead_with_tools)
 
 
-def _priced(chat: ChatRequest, entry: CatalogEntry, prompt: tokens.Prompt, counted: int, *, exact: bool,
-            settings: Settings) -> Priced:
-    return Priced(chat, entry, prompt, counted, exact=exact, safety_factor=settings.prompt_safety_factor,
-                  min_output=settings.min_output_tokens)
-
-
-async def _counted(priced: Priced, settings: Settings) -> Priced:
-    """A bounded request priced again on its prompt's tiktoken count."""
-    return _priced(priced.chat, priced.entry, priced.prompt, await priced.prompt.count(), exact=True,
-                   settings=settings)
-
-
-async def _hold(bill: Bill, priced: Priced, key: ApiKey, settings: Settings) -> tuple[Priced, Reservation]:
-    """Reserve the hold; returns the pricing it was taken on. A bounded prompt is first held in full on its
-    bound; only if the balance or the key's limit cannot cover that is the prompt counted, so that the answer
-    (a reduced max_tokens, or a 402) is the one the count gives. A refused hold writes nothing, so the second
-    attempt uses the same request id."""
-    if not priced.exact:
-        try:
-            total = priced.estimate.total_micros
-            return priced, await bill.reserve(account_id=key.account_id, key_id=key.id, amount_micros=total,
-                                              min_micros=total)
-        except (InsufficientBalance, KeyLimitExceeded):
-            priced = await _counted(priced, settings)
-    return priced, await bill.reserve(account_id=key.account_id, key_id=key.id,
-                                      amount_micros=priced.estimate.total_micros, min_micros=priced.minimum)
-
-
-def _grants(left: int | None, amount: int) -> bool:
-    """Whether meterline_reserve grants `amount` in full from `left` (None: no limit applies)."""
-    return left is None or (left >= amount and left >= 0)
-
-
-async def _estimate(request: web.Request, priced: Priced, key: ApiKey, settings: Settings) -> web.Response:
-    """dryRun: exactly the hold the real call would take now, which for a bounded prompt depends (as in `_hold`)
-    on whether the balance and the key's limit cover its bound in full."""
-    available, key_left = await ledger.coverable_micros(request.app[POOL], key.account_id, key.id)
-    total = priced.estimate.total_micros
-    if not priced.exact and not (_grants(available, total) and _grants(key_left, total)):
-        priced = await _counted(priced, settings)
-    return json_response(priced.estimate.as_dict(model=priced.entry.id, provider=priced.entry.upstream,
-                                                 available_micros=available))
+async def _quote(chat: ChatRequest, entry: CatalogEntry, settings: Settings) -> TextQuote:
+    assert entry.prices is not None
+    rules = hold_rules(settings)
+    allowance = text.output_allowance(chat.max_output_tokens, entry.max_output_tokens, rules)
+    return await TextQuote.of(chat.prompt, entry.prices, max_output=allowance, n=chat.n, rules=rules)
 
 
 @requires_key
@@ -130,55 +55,42 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     is_dry_run = dry_run(request.query)
-    chat = parse_chat(await read_json_object(request))
+    chat = parse_chat(await read_json_object(request), max_choices=settings.max_choices)
     entry = await resolve_model(app, chat.model, modality="text")
-    prompt = tokens.Prompt.of(chat.messages, chat.tools)
-    if len(prompt.text) > settings.prompt_bound_above_chars:
-        priced = _priced(chat, entry, prompt, prompt.bound(), exact=False, settings=settings)
-    else:
-        priced = _priced(chat, entry, prompt, await prompt.count(), exact=True, settings=settings)
+    quote = await _quote(chat, entry, settings)
     key = request[API_KEY]
     if is_dry_run:
-        return await _estimate(request, priced, key, settings)
+        quote, available = await text.dry_run(app[POOL], quote, account_id=key.account_id, key_id=key.id)
+        return json_response(quote.estimate.as_dict(model=entry.id, provider=entry.upstream,
+                                                    available_micros=available))
     target = upstream.upstream_named(app, entry.upstream)
-    request_id = request[REQUEST_ID]
-    bill = Bill(app, request_id=request_id, record={
-        "model": entry.id, "modality": "text", "endpoint": request.path, "upstream": entry.upstream,
-        "user": chat.user,
-    })
-    priced, reservation = await _hold(bill, priced, key, settings)
-    cap = priced.output_cap(reservation.granted_micros, settings.min_output_tokens)
+    hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
+        model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user))
+    quote, _, output_tokens = await text.reserve(hold, quote)
     headers: dict[str, str] = {}
-    if cap is not None:
-        headers[REDUCED_HEADER] = str(cap)
-    payload = upstream_body(chat, model_id=entry.id, output_cap=cap)
-    started = time.monotonic()
+    if output_tokens < quote.max_output:
+        headers[REDUCED_HEADER] = str(output_tokens)
+    payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
+                            output_field=entry.output_limit_field)
     try:
         if chat.stream:
-            return await _stream(request, bill, priced, target, payload, headers, started)
-        return await _complete(bill, priced, target, payload, headers, started, app)
+            return await _stream(request, hold, quote, chat, target, payload, headers)
+        return await _complete(app, hold, quote, target, payload, headers)
     except asyncio.CancelledError:
-        bill.void_soon(reason="cancelled", record={"status": "cancelled", "error_code": "CANCELLED"})
+        hold.void_soon("cancelled", Outcome(status="cancelled", error_code="CANCELLED"))
         raise
     finally:
-        if not bill.resolved:
+        if not hold.resolved:
             # Only reached on an unexpected error: the hold must not outlive the request.
-            await bill.void(reason="gateway error", record={"status": "upstream_failure",
-                                                            "error_code": "INTERNAL_ERROR"})
+            await hold.void("gateway error", Outcome(status="upstream_failure", error_code="INTERNAL_ERROR"))
 
 
-def _elapsed_ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
+async def _failed(hold: Hold, exc: ApiError) -> None:
+    await hold.void(exc.message, Outcome(status="upstream_failure", error_code=exc.code))
 
 
-async def _failed(bill: Bill, exc: ApiError, started: float) -> None:
-    await bill.void(reason=exc.message, record={
-        "status": "upstream_failure", "error_code": exc.code, "duration_ms": _elapsed_ms(started),
-    })
-
-
-async def _complete(bill: Bill, priced: Priced, target: upstream.Upstream, payload: dict[str, Any],
-                    headers: dict[str, str], started: float, app: web.Application) -> web.Response:
+async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: upstream.Upstream,
+                    payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
     try:
         async with upstream.request(app, target, "POST", "chat/completions", json_body=payload) as response:
             answer = await response.json()
@@ -186,48 +98,44 @@ async def _complete(bill: Bill, priced: Priced, target: upstream.Upstream, paylo
             raise upstream.UpstreamError(502, "UPSTREAM_ERROR", f"The upstream {target.name} sent a malformed "
                                          "response", upstream_status=response.status)
     except upstream.UpstreamError as exc:
-        await _failed(bill, exc, started)
+        await _failed(hold, exc)
         raise
     raw_usage = answer.get("usage")
     usage = pricing.parse_usage(raw_usage)
     if usage is None or not isinstance(raw_usage, dict):
         # The answer was delivered but carries no usage: counting it (and a bounded prompt) can take a while, in a
         # thread. A task the app owns counts and settles, so a handler cancelled meanwhile cannot void the call.
-        bill.hand_off()
-        usage = await shielded(app, _settle_estimate(bill, priced, answer, started), f"settle {bill.request_id}")
+        hold.hand_off()
+        usage = await app[TASKS].shielded(_settle_estimate(hold, quote, answer), f"settle {hold.request_id}")
         raw_usage = None
-    cost = pricing.cost_micros(priced.prices, usage)
+    cost = pricing.cost_micros(quote.prices, usage)
     if raw_usage is not None:
-        await bill.settle(actual_micros=cost, estimated=False, record={
-            **usage_record(usage, raw_usage), "status": "completed", "duration_ms": _elapsed_ms(started),
-        })
+        await hold.settle(cost, outcome=usage_outcome(usage, raw_usage))
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
     headers["X-Cost-Micros"] = str(cost)
     return json_response(answer, headers=headers)
 
 
-async def _settle_estimate(bill: Bill, priced: Priced, answer: dict[str, Any], started: float) -> pricing.Usage:
+async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any]) -> pricing.Usage:
     """Charge a delivered answer that reported no usage: the prompt and the generated text, counted."""
     completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
-    usage = pricing.Usage(prompt_tokens=await priced.prompt_tokens(), completion_tokens=completion)
-    await bill.settle(actual_micros=pricing.cost_micros(priced.prices, usage), estimated=True, record={
-        **usage_record(usage, None), "status": "completed", "duration_ms": _elapsed_ms(started),
-    })
+    usage = pricing.Usage(prompt_tokens=await quote.prompt_tokens(), completion_tokens=completion)
+    await hold.settle(pricing.cost_micros(quote.prices, usage), estimated=True, outcome=usage_outcome(usage, None))
     return usage
 
 
-async def _stream(request: web.Request, bill: Bill, priced: Priced, target: upstream.Upstream,
-                  payload: dict[str, Any], headers: dict[str, str], started: float) -> web.StreamResponse:
+async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, target: upstream.Upstream,
+                  payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
     app = request.app
     try:
         opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload,
                                               headers={"Accept": "text/event-stream"})
     except upstream.UpstreamError as exc:
-        await _failed(bill, exc, started)
+        await _failed(hold, exc)
         raise
-    relay = StreamRelay(opened, bill=bill, prices=priced.prices, prompt_tokens=priced.prompt_tokens,
-                        include_usage=priced.chat.include_usage, started=started,
-                        drain_seconds=app[SETTINGS].drain_seconds)
+    relay = StreamRelay(opened, hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,
+                        include_usage=chat.include_usage, drain_seconds=app[SETTINGS].drain_seconds,
+                        settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     cancelled = False
@@ -241,7 +149,7 @@ async def _stream(request: web.Request, bill: Bill, priced: Priced, target: upst
     finally:
         # The upstream is drained (if the client left early) and the hold settled in a task the app owns;
         # the handler waits for it unless it is being cancelled.
-        finishing = relay.finish_owned(app)
+        finishing = relay.finish_owned(app[TASKS])
         if not cancelled:
             await asyncio.shield(finishing)
     return response

@@ -1,45 +1,149 @@
-"""Reading a chat completion request: validate the fields the gateway interprets, keep everything else as sent.
+"""Reading a chat completion request: every field is known and validated, and the body forwarded upstream is built
+from the validated request, never from the raw one.
 
-The client's body is forwarded as it came, except for `model` (the catalog's id), `stream_options.include_usage`
-(always asked of the upstream when streaming, so every stream is billed from real usage) and, when the balance
-only affords a smaller answer, the output limit.
+Each top-level field is one of:
+- priced: `messages` and every other forwarded field carry text the upstream may bill as input, and all of it is
+  in the prompt the hold is estimated on (tokens.Prompt); the output limit and `n` size the output allowance;
+- forwarded as sent after a type check: sampling and routing options that cannot raise what a call costs
+  (`temperature`, `stop`, `seed`, `reasoning`, `provider`, ...); their text is counted into the prompt all the same;
+- refused with a 400 naming it: cost drivers Meterline does not price (`models` fallback lists, `route`,
+  `plugins`, `web_search_options`, audio output, a `service_tier` other than auto/default), and any field it does
+  not know, as OpenAI refuses an unrecognised argument.
+
+Exactly one output limit reaches the upstream, always: the per-choice allowance the hold covers, under the name
+the model wants (else the client's own choice of `max_tokens` or `max_completion_tokens`). When the client gives
+both, the smaller is what it asked for; the other is not sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from billing import tokens
 from gateway.errors import invalid
 
-_OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens")
-_MAX_CHOICES = 128
+OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens")
+MAX_USER_CHARS = 256
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Content parts Meterline prices: text, and images (held at tokens.IMAGE_PART_TOKENS each).
+PART_TYPES = frozenset({"text", "image_url", "refusal"})
+
+# The reason each unpriced cost driver is refused.
+REFUSED = {
+    "models": "fallback model lists are not supported: a call is priced and held for one model",
+    "route": "routing across fallback models is not supported: a call is priced and held for one model",
+    "plugins": "plugins (web search, file parsing) add input Meterline cannot price before the call",
+    "web_search_options": "web search adds input and fees Meterline cannot price before the call",
+    "audio": "audio output is not priced",
+}
+
+
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(f"{name} must be a number", name)
+
+
+def _integer(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{name} must be an integer", name)
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise invalid(f"{name} must be a boolean", name)
+
+
+def _string(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise invalid(f"{name} must be a string", name)
+
+
+def _object(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise invalid(f"{name} must be an object", name)
+
+
+def _strings(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise invalid(f"{name} must be an array of strings", name)
+
+
+def _stop(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        _strings(name, value)
+
+
+def _tier(name: str, value: Any) -> None:
+    if value not in ("auto", "default"):
+        raise invalid(f"{name} {value!r} is not supported: other service tiers are priced differently upstream "
+                      "(only auto and default are accepted)", name)
+
+
+def _modalities(name: str, value: Any) -> None:
+    if value != ["text"]:
+        raise invalid(f"{name} must be [\"text\"]: audio output is not priced", name)
+
+
+def _reasoning(name: str, value: Any) -> None:
+    _object(name, value)
+    budget = value.get("max_tokens")
+    if budget is not None:
+        _integer(f"{name}.max_tokens", budget)
+
+
+def _array(name: str, value: Any) -> None:
+    if not isinstance(value, list):
+        raise invalid(f"{name} must be an array", name)
+
+
+def _choice(name: str, value: Any) -> None:
+    if not isinstance(value, str | dict):
+        raise invalid(f"{name} must be a string or an object", name)
+
+
+# Fields forwarded as sent, with the check each must pass. Those marked priced in the module docstring carry the
+# text the upstream bills beyond the messages; every one of them is counted into the prompt.
+_FORWARDED: dict[str, Callable[[str, Any], None]] = {
+    # input the upstream bills: tool and function definitions, JSON schemas, predicted output
+    "tools": _array, "functions": _array, "tool_choice": _choice, "function_call": _choice,
+    "response_format": _object, "prediction": _object,
+    # sampling and output shape
+    "temperature": _number, "top_p": _number, "top_k": _number, "min_p": _number, "top_a": _number,
+    "frequency_penalty": _number, "presence_penalty": _number, "repetition_penalty": _number, "seed": _integer,
+    "stop": _stop, "logit_bias": _object, "logprobs": _boolean, "top_logprobs": _integer,
+    "parallel_tool_calls": _boolean, "reasoning_effort": _string, "verbosity": _string, "reasoning": _reasoning,
+    "modalities": _modalities, "service_tier": _tier,
+    # bookkeeping and routing that do not change the price a call is charged at
+    "metadata": _object, "store": _boolean, "prompt_cache_key": _string, "safety_identifier": _string,
+    "provider": _object, "transforms": _strings, "usage": _object,
+}
+_OWN = frozenset({"model", "messages", "stream", "stream_options", "n", "user", *OUTPUT_LIMITS})
 
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    body: dict[str, Any]
     model: str
     messages: list[Any]
     stream: bool
     include_usage: bool  # the client asked for the usage chunk
-    max_output_tokens: int | None  # per choice, as the client limited it
+    max_output_tokens: int | None  # per choice, as the client limited it (the smaller of its two fields)
+    limit_field: str | None  # the field the client limited it with
     n: int
     user: str | None
-    tools: Any
+    forwarded: dict[str, Any]  # the other fields, validated, sent as they came
+    prompt: tokens.Prompt  # every forwarded text the upstream may bill as input
 
 
-def _positive_int(body: dict[str, Any], name: str, *, high: int | None = None) -> int | None:
+def _positive(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"{name} must be an integer", name)
+    _integer(name, value)
     if value <= 0:
         raise invalid(f"{name} must be greater than 0", name)
-    if high is not None and value > high:
-        raise invalid(f"{name} must be at most {high}", name)
-    return value
+    return int(value)
 
 
 def _messages(body: dict[str, Any]) -> list[Any]:
@@ -57,59 +161,92 @@ def _messages(body: dict[str, Any]) -> list[Any]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise invalid(f"{where}.role is required and must be a string", f"{where}.role")
+        if role not in ROLES:
+            raise invalid(f"{where}.role must be one of {', '.join(sorted(ROLES))}", f"{where}.role")
+        if "audio" in message:
+            raise invalid(f"{where}.audio: audio is not priced", f"{where}.audio")
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise invalid(f"{where}.content must be a string or an array of content parts", f"{where}.content")
+        if isinstance(content, list):
+            for number, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in PART_TYPES:
+                    at = f"{where}.content.{number}.type"
+                    raise invalid(f"{at} must be one of {', '.join(sorted(PART_TYPES))}: other content (audio, "
+                                  f"files) is not priced", at)
     return messages
 
 
-def parse_chat(body: dict[str, Any]) -> ChatRequest:
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    _object("stream_options", options)
+    for name, value in options.items():
+        if name not in ("include_usage", "include_obfuscation"):
+            raise invalid(f"Unrecognized request argument supplied: stream_options.{name}",
+                          f"stream_options.{name}")
+        _boolean(f"stream_options.{name}", value)
+    return bool(options.get("include_usage", False))
+
+
+def parse_chat(body: dict[str, Any], *, max_choices: int) -> ChatRequest:
     """Validate `body`; raises a 400 ApiError naming the first bad field."""
+    forwarded: dict[str, Any] = {}
+    for name, value in body.items():
+        if name in _OWN:
+            continue
+        if name in REFUSED:
+            raise invalid(f"{name} is not supported: {REFUSED[name]}", name)
+        check = _FORWARDED.get(name)
+        if check is None:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+        if value is not None:
+            check(name, value)
+            forwarded[name] = value
     model = body.get("model")
     if model is None:
         raise invalid("model is required", "model")
     if not isinstance(model, str) or not model.strip():
         raise invalid("model must be a non-empty string", "model")
     messages = _messages(body)
-    stream = body.get("stream", False)
+    stream = body.get("stream")
     if stream is None:
         stream = False
-    if not isinstance(stream, bool):
-        raise invalid("stream must be a boolean", "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, dict):
-            raise invalid("stream_options must be an object", "stream_options")
-        flag = options.get("include_usage", False)
-        if not isinstance(flag, bool):
-            raise invalid("stream_options.include_usage must be a boolean", "stream_options.include_usage")
-        include_usage = flag
-    limits = [v for v in (_positive_int(body, name) for name in _OUTPUT_LIMITS) if v is not None]
-    n = _positive_int(body, "n", high=_MAX_CHOICES) or 1
+    _boolean("stream", stream)
+    include_usage = _stream_options(body, stream)
+    limits = {name: value for name in OUTPUT_LIMITS if (value := _positive(body, name)) is not None}
+    limit_field = min(limits, key=limits.__getitem__) if limits else None
+    n = _positive(body, "n") or 1
+    if n > max_choices:
+        raise invalid(f"n must be at most {max_choices}", "n")
     user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("user must be a string", "user")
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise invalid("tools must be an array", "tools")
+    if user is not None:
+        _string("user", user)
+        if len(user) > MAX_USER_CHARS:
+            raise invalid(f"user must be at most {MAX_USER_CHARS} characters", "user")
+        forwarded["user"] = user
     return ChatRequest(
-        body=body, model=model.strip(), messages=messages, stream=stream, include_usage=include_usage,
-        max_output_tokens=min(limits) if limits else None, n=n, user=user, tools=tools,
+        model=model.strip(), messages=messages, stream=stream, include_usage=include_usage,
+        max_output_tokens=limits[limit_field] if limit_field else None, limit_field=limit_field, n=n, user=user,
+        forwarded=forwarded, prompt=tokens.Prompt.of(messages, forwarded or None),
     )
 
 
-def upstream_body(chat: ChatRequest, *, model_id: str, output_cap: int | None) -> dict[str, Any]:
-    """The body to forward: the client's, with the catalog model id, usage always asked for when streaming,
-    and the output limit lowered to `output_cap` when the balance affords no more."""
-    body = dict(chat.body)
-    body["model"] = model_id
+def upstream_body(chat: ChatRequest, *, model_id: str, output_tokens: int,
+                  output_field: str | None) -> dict[str, Any]:
+    """The body to forward, built from the validated request: the catalog model id, the messages and the other
+    validated fields, usage always asked for when streaming, and exactly one output limit, `output_tokens` (the
+    per-choice allowance the hold covers). A reasoning budget never exceeds it."""
+    body: dict[str, Any] = {"model": model_id, "messages": chat.messages, **chat.forwarded}
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("max_tokens"), int):
+        body["reasoning"] = {**reasoning, "max_tokens": min(reasoning["max_tokens"], output_tokens)}
+    if chat.n != 1:
+        body["n"] = chat.n
     if chat.stream:
-        options = dict(body.get("stream_options") or {})
-        options["include_usage"] = True
-        body["stream_options"] = options
-    if output_cap is not None:
-        present = [name for name in _OUTPUT_LIMITS if body.get(name) is not None]
-        for name in present or ["max_tokens"]:
-            body[name] = output_cap
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    body[output_field or chat.limit_field or "max_tokens"] = output_tokens
     return body

@@ -1,5 +1,11 @@
 """Relaying a streamed chat completion: upstream SSE events go to the client as they arrive, and the call is
-settled from the upstream's usage chunk once the stream ends.
+settled from the upstream's usage chunk before the stream's last events are sent.
+
+A completed stream implies a durable charge: when the usage chunk arrives (or, without one, at `[DONE]` or the end
+of the stream), the settlement starts, and the usage chunk, `[DONE]` and the end of the stream are written only
+once it has committed. So a client that received a whole stream was billed, even if the process dies right after.
+During a database outage the relay waits for the commit at most `settle_wait_seconds`, then finishes the stream
+while the settlement goes on retrying.
 
 Hot path: an event the gateway does not change is written as the same bytes it arrived in; only the usage chunk
 (and an error event) is parsed. If the client leaves, the relay stops writing and `finish` keeps reading the
@@ -12,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from billing import pricing, tokens
+from billing.holds import Hold
 from billing.pricing import TokenPrices, Usage
-from gateway.chat_usage import choice_texts, priced_usage, usage_record
+from billing.records import Outcome
+from billing.tasks import TaskOwner
+from gateway.chat_usage import choice_texts, priced_usage, usage_outcome
 from gateway.errors import ApiError
-from gateway.settlement import Bill, own
 from gateway.upstream import EventReader, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("meterline.chat")
@@ -47,17 +54,18 @@ def error_event(exc: ApiError) -> bytes:
 
 
 class StreamRelay:
-    def __init__(self, opened: UpstreamResponse, *, bill: Bill, prices: TokenPrices,
-                 prompt_tokens: Callable[[], Awaitable[int]],
-                 include_usage: bool, started: float, drain_seconds: float) -> None:
+    def __init__(self, opened: UpstreamResponse, *, hold: Hold, tasks: TaskOwner, prices: TokenPrices,
+                 prompt_tokens: Callable[[], Awaitable[int]], include_usage: bool, drain_seconds: float,
+                 settle_wait_seconds: float) -> None:
         self.opened = opened
         self.reader = EventReader(opened)
-        self.bill = bill
+        self.hold = hold
+        self.tasks = tasks
         self.prices = prices
         self.prompt_tokens = prompt_tokens  # counts the prompt, for an estimate if usage never comes
         self.include_usage = include_usage
-        self.started = started
         self.drain_seconds = drain_seconds
+        self.settle_wait_seconds = settle_wait_seconds
         self.delivered: list[bytes] = []  # events written to the client, for an estimate if usage never comes
         self.usage_raw: dict[str, Any] | None = None
         self.usage: Usage | None = None
@@ -65,6 +73,7 @@ class StreamRelay:
         self.ended = False  # the upstream stream is over (finished, failed or cut)
         self.failure: ApiError | None = None
         self.client_gone = False
+        self.settling: asyncio.Task[None] | None = None  # the settlement, once started
 
     async def run(self, request: web.Request, response: web.StreamResponse) -> None:
         """Relay until the upstream ends or the client leaves. A client that leaves makes writes raise
@@ -80,18 +89,34 @@ class StreamRelay:
                 except UpstreamError as exc:
                     self.ended = True
                     self.failure = exc
+                    await self._settled()
                     await response.write(error_event(exc))
                     return
                 if event is None:
                     self.ended = True
+                    await self._settled()
                     await response.write_eof()
                     return
                 out = inspect(event)
+                if self.settling is None and (self.usage is not None
+                                              or (_DONE in event and _payload(event) == _DONE)):
+                    await self._settled()  # the usage chunk or [DONE] goes out once the charge is committed
                 if out is not None:
                     await response.write(out)
                     delivered.append(out)
         except ConnectionError:
             self.client_gone = True
+
+    async def _settled(self) -> None:
+        """Start the settlement (if not started) and wait for its commit, at most `settle_wait_seconds`."""
+        if self.settling is None:
+            self.hold.hand_off()
+            self.settling = self.tasks.drained(self._resolve(), f"settle stream {self.hold.request_id}")
+        if not self.settling.done():
+            _, late = await asyncio.wait({self.settling}, timeout=self.settle_wait_seconds)
+            if late:
+                log.warning("stream %s: its charge has not committed within %gs; finishing the stream while the "
+                            "settlement retries", self.hold.request_id, self.settle_wait_seconds)
 
     def _inspect(self, event: bytes) -> bytes | None:
         """What to send the client for this upstream event (None: nothing). Cheap byte tests pick out the
@@ -110,7 +135,7 @@ class StreamRelay:
             return None
         try:
             return json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return None
 
     def _usage_event(self, event: bytes) -> bytes | None:
@@ -119,10 +144,11 @@ class StreamRelay:
         usage = pricing.parse_usage(raw)
         if usage is None or not isinstance(raw, dict) or not isinstance(data, dict):
             return event
-        self.usage_raw, self.usage = raw, usage
-        self.cost = pricing.cost_micros(self.prices, usage)
+        if self.usage is None:  # the first usage chunk is the one charged
+            self.usage_raw, self.usage = raw, usage
+            self.cost = pricing.cost_micros(self.prices, usage)
         if self.include_usage:
-            data["usage"] = priced_usage(raw, self.cost)
+            data["usage"] = priced_usage(raw, self.cost or 0)
             return _encode(data)
         if data.get("choices"):
             del data["usage"]
@@ -139,10 +165,10 @@ class StreamRelay:
                                 self.opened.upstream.redact(str(message or "The upstream failed mid-stream")),
                                 type="upstream_error")
 
-    def finish_owned(self, app: web.Application) -> asyncio.Task[None]:
+    def finish_owned(self, tasks: TaskOwner) -> asyncio.Task[None]:
         """Hand the hold to a task the app owns, which drains the upstream if needed and settles."""
-        self.bill.hand_off()
-        return own(app, self.finish(), f"settle stream {self.bill.request_id}")
+        self.hold.hand_off()
+        return tasks.drained(self.finish(), f"finish stream {self.hold.request_id}")
 
     async def _drain(self) -> None:
         """Read on (writing nothing) until the usage chunk or the end, for at most `drain_seconds`."""
@@ -155,12 +181,12 @@ class StreamRelay:
                     self._inspect(event)
         except TimeoutError:
             log.warning("stream %s: no usage within %gs of the client leaving; billing an estimate",
-                        self.bill.request_id, self.drain_seconds)
+                        self.hold.request_id, self.drain_seconds)
         except UpstreamError as exc:
             self.failure = self.failure or exc
 
     async def finish(self) -> None:
-        interrupted = not self.ended
+        interrupted = not self.ended and self.settling is None
         try:
             if interrupted and self.usage is None:
                 await self._drain()
@@ -169,26 +195,33 @@ class StreamRelay:
                 self.opened.release()
             else:
                 self.opened.close()
+        if self.settling is None:
+            await self._resolve(interrupted=interrupted)
+        else:
+            await self.settling
+
+    async def _resolve(self, *, interrupted: bool = False) -> None:
+        """Settle from the usage, or (without one) void a call that failed before any output, or charge an
+        estimate of the prompt and the text delivered."""
         status, code, message = "completed", None, None
         if self.failure is not None:
             status, code, message = "upstream_failure", self.failure.code, self.failure.message
         elif interrupted:
             status, code = "cancelled", "CLIENT_DISCONNECTED" if self.client_gone else "CANCELLED"
-        record: dict[str, Any] = {"status": status, "error_code": code, "error_message": message,
-                                  "duration_ms": int((time.monotonic() - self.started) * 1000)}
         if self.usage is not None and self.cost is not None:
-            await self.bill.settle(actual_micros=self.cost, estimated=False,
-                                   record={**record, **usage_record(self.usage, self.usage_raw)})
+            await self.hold.settle(self.cost, outcome=usage_outcome(
+                self.usage, self.usage_raw, status=status, error_code=code, error_message=message))
             return
         texts = self.delivered_texts()
         if self.failure is not None and not any(texts):
             # Failed before any output: nothing was delivered, so nothing is charged.
-            await self.bill.void(reason=self.failure.message, record=record)
+            await self.hold.void(self.failure.message, Outcome(status=status, error_code=code,
+                                                               error_message=message))
             return
         usage = Usage(prompt_tokens=await self.prompt_tokens(),
                       completion_tokens=await tokens.count_completion(texts))
-        await self.bill.settle(actual_micros=pricing.cost_micros(self.prices, usage), estimated=True,
-                               record={**record, **usage_record(usage, None)})
+        await self.hold.settle(pricing.cost_micros(self.prices, usage), estimated=True, outcome=usage_outcome(
+            usage, None, status=status, error_code=code, error_message=message))
 
     def reader_done(self) -> bool:
         return self.opened.raw.content.at_eof()

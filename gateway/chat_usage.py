@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from billing import pricing
+from billing.records import Outcome
 from gateway.render import usd_number
 
 # The upstream's cost breakdown describes what Meterline pays, not what the customer is charged.
@@ -27,16 +28,18 @@ def estimated_usage(usage: pricing.Usage) -> dict[str, Any]:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens, "estimated": True}
 
 
-def usage_record(usage: pricing.Usage, raw: dict[str, Any] | None) -> dict[str, Any]:
-    """Request-record fields for a settled call; `raw` is the upstream's usage (None when estimated)."""
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "upstream_cost_micros": pricing.usd_to_micros_rounded(raw.get("cost")) if raw else None,
-        "usage": raw,
-    }
+def usage_outcome(usage: pricing.Usage, raw: dict[str, Any] | None, *, status: str = "completed",
+                  error_code: str | None = None, error_message: str | None = None) -> Outcome:
+    """The request record's outcome for a settled call; `raw` is the upstream's usage (None when estimated)."""
+    return Outcome(
+        status=status, error_code=error_code, error_message=error_message,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        upstream_cost_micros=pricing.usd_to_micros_rounded(raw.get("cost")) if raw else None,
+        usage=raw,
+    )
 
 
 def text_fields(message: Any) -> list[str]:

@@ -13,6 +13,7 @@ from billing.media_pricing import MediaPriceError
 from billing.pricing import Estimate
 from gateway.errors import ApiError, invalid
 from gateway.keys import API_KEY, POOL, SETTINGS
+from gateway.multipart import Limits
 from gateway.render import json_response
 from gateway.upstream import Upstream, upstream_named
 
@@ -44,6 +45,12 @@ def media_entry(request: web.Request, model: object, kind: type[E]) -> tuple[str
         article = "an image" if kind is ImageModelConfig else "a video"
         raise invalid(f"The model {model!r} is not {article} model", "model")
     return model, entry
+
+
+def upload_limits(request: web.Request) -> Limits:
+    settings = request.app[SETTINGS]
+    return Limits(max_bytes=settings.max_upload_bytes, max_parts=settings.max_upload_parts,
+                  max_field_bytes=settings.max_form_field_bytes)
 
 
 def media_upstream(request: web.Request, entry: ImageModelConfig | VideoModelConfig) -> Upstream:

@@ -14,15 +14,15 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from billing import idempotency, videos
 from billing.errors import DatabaseUnavailable
-from gateway.keys import POOL, SETTINGS
-from gateway.tasks import every, spawn
+from billing.holds import durably
+from gateway.keys import POOL, SETTINGS, TASKS
+from gateway.tasks import every
 from gateway.upstream import UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
 
@@ -38,13 +38,6 @@ _FAILED = frozenset({"failed", "cancelled", "expired"})
 LEASE_SECONDS = 150.0
 
 
-def record(job: dict[str, Any], status: str) -> dict[str, Any]:
-    duration = datetime.now(UTC) - job["created_at"]
-    return {"model": job["model"], "modality": "video", "endpoint": job["endpoint"], "upstream": job["upstream"],
-            "status": status, "quantity": job["seconds"],
-            "duration_ms": max(0, int(duration.total_seconds() * 1000))}
-
-
 def progress_of(answer: dict[str, Any], default: int) -> int:
     value = answer.get("progress")
     if isinstance(value, int) and not isinstance(value, bool):
@@ -53,10 +46,13 @@ def progress_of(answer: dict[str, Any], default: int) -> int:
 
 
 async def fail(app: web.Application, job: dict[str, Any], reason: str, error: dict[str, Any]) -> dict[str, Any]:
-    """Void the job's hold and mark it failed; its Idempotency-Key is freed so that a retry makes a new job."""
-    return await videos.fail(app[POOL], job["id"], reason=reason, error=error,
-                             record={**record(job, "upstream_failure"), "error_code": error.get("code")},
-                             idempotency_scope=idempotency.scope("videos", job["account_id"]))
+    """Void the job's hold and mark it failed, retried until the database answers; its Idempotency-Key is freed so
+    that a retry makes a new job."""
+    code = error.get("code")
+    return await durably(lambda: videos.fail(
+        app[POOL], job["id"], reason=reason, error=error,
+        record=videos.record(job, "upstream_failure", error_code=code if isinstance(code, str) else None),
+        idempotency_scope=idempotency.scope("videos", job["account_id"])))
 
 
 async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +83,8 @@ async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(status, str):
         status = None  # an upstream's malformed status counts as no news
     if status == "completed":
-        return await videos.complete(app[POOL], job["id"], output=answer, record=record(job, "completed"))
+        return await durably(lambda: videos.complete(app[POOL], job["id"], output=answer,
+                                                     record=videos.record(job, "completed")))
     if status in _FAILED:
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
         return await fail(app, job, f"the upstream reported the job {status}",
@@ -115,5 +112,6 @@ async def poll_due(app: web.Application) -> int:
 async def media_poller_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the video poller (its task is owned by the app's task set and cancelled with it)."""
     app[POLLER_ID] = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    spawn(app, "video-poller", every(app[SETTINGS].video_poll_seconds, lambda: poll_due(app), "video poll"))
+    app[TASKS].background(every(app[SETTINGS].video_poll_seconds, lambda: poll_due(app), "video poll"),
+                          "video-poller")
     yield

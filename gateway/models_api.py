@@ -14,9 +14,9 @@ from billing.catalog import Catalog, CatalogEntry, CatalogError
 from gateway import upstream
 from gateway.auth import requires_key
 from gateway.errors import ApiError
-from gateway.keys import CATALOG, SETTINGS
+from gateway.keys import CATALOG, SETTINGS, TASKS
 from gateway.render import json_response
-from gateway.tasks import every, spawn
+from gateway.tasks import every
 
 log = logging.getLogger("meterline.catalog")
 
@@ -58,13 +58,13 @@ async def _keep_fresh(app: web.Application) -> None:
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     """Build the catalog from local entries; load the upstream's in the background (start is not delayed by
-    a slow or unreachable upstream). Needs the task set, so it goes after `background_ctx`."""
+    a slow or unreachable upstream). Needs the task owner, so it goes after `tasks_ctx`."""
     settings = app[SETTINGS]
     catalog = Catalog(settings.models, text_upstream=settings.text_upstream, markup=settings.markup)
     app[CATALOG] = catalog
     app[FIRST_LOAD] = asyncio.Event()
     if settings.remote_catalog:
-        spawn(app, "catalog-refresh", _keep_fresh(app))
+        app[TASKS].background(_keep_fresh(app), "catalog-refresh")
     else:
         catalog.disable_remote()
         app[FIRST_LOAD].set()

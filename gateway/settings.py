@@ -81,12 +81,29 @@ class Settings(BaseSettings):
     remote_catalog: bool = Field(default=True, description="Load the text upstream's GET /models")
     markup: Decimal = Field(default=Decimal(0), ge=0, description="Added to remote prices: 0.05 = +5%")
     prompt_safety_factor: Decimal = Field(default=Decimal("1.1"), ge=1, le=10)
+    # Tokens a hold adds for the chat templates providers wrap a prompt in (README, "The hold").
+    prompt_overhead_per_message: int = Field(default=4, ge=0)
+    prompt_overhead_per_request: int = Field(default=32, ge=0)
+    prompt_overhead_with_tools: int = Field(default=400, ge=0)
+    # The most choices (`n`) one chat call may ask for; the hold covers every one.
+    max_choices: int = Field(default=16, ge=1, le=128)
     prompt_bound_above_chars: int = Field(
         default=256, ge=0, description="Longer prompts are held on a byte bound first, counted only if it is short")
     min_output_tokens: int = Field(default=16, ge=1)
+    # The output a call may produce (and is held and capped at) on a model that publishes no output limit.
+    default_max_output_tokens: int = Field(default=4096, ge=1)
     drain_seconds: float = Field(default=30.0, ge=0)
+    # A stream's usage chunk and [DONE] are sent once its charge has committed; while the database is down, the
+    # stream waits at most this long for that commit, then finishes while the settlement keeps retrying.
+    stream_settle_wait_seconds: float = Field(default=10.0, ge=0)
+    # At shutdown (SIGTERM, SIGINT), after in-flight requests end, how long the process waits for settlements
+    # still in flight (streams being read for their usage, settlements retrying through an outage) to commit.
+    shutdown_grace_seconds: float = Field(default=45.0, gt=0)
     # Images and videos (issue 4).
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="Largest images/edits body")
+    # An upload's parts (files and fields) and the size of each text field: more is a 400 naming the limit.
+    max_upload_parts: int = Field(default=64, ge=1, le=10_000)
+    max_form_field_bytes: int = Field(default=128 * 1024, ge=1)
     video_max_job_seconds: float = Field(default=3600.0, gt=0, description="A job running longer is voided")
     video_poll_seconds: float = Field(default=5.0, gt=0, description="How often unfinished jobs are polled")
 
@@ -100,6 +117,13 @@ class Settings(BaseSettings):
         if self.hold_ttl_seconds <= longest:
             raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the slowest upstream's "
                              f"timeout_seconds ({slowest}) plus drain_seconds ({longest:g})")
+        return self
+
+    @model_validator(mode="after")
+    def _grace_outlasts_drains(self) -> Settings:
+        if self.shutdown_grace_seconds <= self.drain_seconds:
+            raise ValueError(f"shutdown_grace_seconds ({self.shutdown_grace_seconds:g}) must exceed drain_seconds "
+                             f"({self.drain_seconds:g}): a stream read for its usage must be able to settle")
         return self
 
     @field_validator("database_url")

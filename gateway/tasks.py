@@ -1,11 +1,11 @@
-"""Background work owned by the app: named tasks in one set, cancelled and awaited at cleanup."""
+"""Background loops the app runs (the hold sweeper, and `every` for the others), owned by the app's TaskOwner."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,25 +16,9 @@ from gateway.keys import POOL, SETTINGS, TASKS
 log = logging.getLogger("meterline.tasks")
 
 
-def spawn(app: web.Application, name: str, coro: Awaitable[None]) -> asyncio.Task[None]:
-    async def run() -> None:
-        await coro
-
-    task = asyncio.create_task(run(), name=name)
-    app[TASKS].add(task)
-    task.add_done_callback(app[TASKS].discard)
-    task.add_done_callback(_ended)
-    return task
-
-
-def _ended(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("background task %s stopped", task.get_name(), exc_info=exc)
-
-
 async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
     """Run `step` every `seconds` (with jitter, so processes spread out) until cancelled; a failed step is
-    logged and retried on the next tick, a database outage must not end the loop."""
+    retried on the next tick: a database outage (logged once by billing.db) must not end the loop."""
     while True:
         await asyncio.sleep(seconds * random.uniform(0.8, 1.2))
         try:
@@ -54,14 +38,6 @@ async def sweep_expired_holds(app: web.Application) -> None:
         log.info("expired %d holds past their expiry", expired)
 
 
-async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-    owned: set[asyncio.Task[None]] = set()
-    app[TASKS] = owned
-    settings = app[SETTINGS]
-    spawn(app, "hold-sweeper",
-          every(settings.sweep_interval_seconds, lambda: sweep_expired_holds(app), "hold sweep"))
-    yield
-    tasks = list(owned)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+def start_sweeper(app: web.Application) -> None:
+    app[TASKS].background(every(app[SETTINGS].sweep_interval_seconds, lambda: sweep_expired_holds(app),
+                                "hold sweep"), "hold-sweeper")

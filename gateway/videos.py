@@ -19,13 +19,14 @@ from billing import idempotency as idem
 from billing import ledger, videos
 from billing.catalog_config import VideoModelConfig
 from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
-from gateway import bodies, media, settlement
+from billing.records import Outcome, RequestRecord
+from gateway import bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import REQUEST_ID, ApiError, not_found
-from gateway.keys import API_KEY, POOL, SETTINGS
-from gateway.media_poller import LEASE_SECONDS, POLLER_ID, fail, progress_of, refresh
+from gateway.errors import REQUEST_ID, ApiError, invalid, not_found
+from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
+from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
 from gateway.render import json_response, usd_number
 from gateway.upstream import Upstream, UpstreamError, upstream_named
@@ -67,13 +68,34 @@ def _prefix(request: web.Request) -> str:
     return request.path.split("/videos", 1)[0]
 
 
+# The creation fields besides the priced ones (size, seconds): what a video is charged does not depend on them.
+# Any other field is refused with a 400 naming it, as OpenAI refuses an unrecognised argument.
+_FIELDS = frozenset({"model", "prompt", "size", "seconds"})
+_FILES = frozenset({"input_reference"})
+
+
 async def _read_body(request: web.Request) -> tuple[dict[str, Any], Form | None, bytes]:
     """The creation fields, the uploaded form (when multipart) and a fingerprint of the whole request."""
     if request.content_type.startswith("multipart/"):
-        form = await read_form(request, max_bytes=request.app[SETTINGS].max_upload_bytes)
-        return form.as_dict(), form, ledger.request_fingerprint("videos", form.digest.hex())
+        form = await read_form(request, media.upload_limits(request))
+        try:
+            for upload in form.files:
+                if upload.name not in _FILES:
+                    raise invalid(f"Unrecognized file supplied: {upload.name}", upload.name)
+            _known(form.fields)
+        except BaseException:
+            form.close()
+            raise
+        return dict(form.fields), form, ledger.request_fingerprint("videos", form.digest.hex())
     body = await read_json_object(request)
+    _known(body)
     return body, None, ledger.request_fingerprint("videos", body)
+
+
+def _known(body: dict[str, Any]) -> None:
+    for name in body:
+        if name not in _FIELDS:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name)
 
 
 def _quote(entry: VideoModelConfig, model: str, body: dict[str, Any]) -> VideoQuote:
@@ -107,7 +129,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     settings = app[SETTINGS]
     key = request[API_KEY]
     idem_key = media.idempotency_key(request)
-    job, replayed = await videos.create_once(
+    steps = videos.VideoCreation(
         app[POOL],
         videos.NewVideo(request_id=request[REQUEST_ID], account_id=key.account_id, key_id=key.id, model=model,
                         upstream=upstream.name, endpoint=request.path, prompt=prompt, size=quote.size,
@@ -119,8 +141,14 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         lease_owner=app[POLLER_ID],
         lease_seconds=upstream.settings.timeout_seconds + _CREATION_MARGIN_SECONDS,
     )
-    if replayed:
-        return json_response(render(request, job), status=202, headers={"Idempotent-Replayed": "true"})
+    hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, steps=steps,
+                           record=RequestRecord(model=model, modality="video", endpoint=request.path,
+                                                upstream=upstream.name, quantity=quote.seconds))
+    await hold.reserve(quote.hold_micros)
+    assert steps.job is not None
+    if steps.replayed:
+        hold.nothing_to_resolve()
+        return json_response(render(request, steps.job), status=202, headers={"Idempotent-Replayed": "true"})
     started: dict[str, Any] | None = None
     failure: UpstreamError | None = None
     try:
@@ -131,10 +159,13 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
                                 upstream_status=200)
         status = answer.get("status") if isinstance(answer.get("status"), str) else None
         started = await videos.started(
-            app[POOL], job["id"], upstream_id=upstream_id,
+            app[POOL], steps.job["id"], upstream_id=upstream_id,
             status=status if status in videos.UNFINISHED else "queued", progress=progress_of(answer, 0),
             output=answer, owner=app[POLLER_ID], poll_seconds=settings.video_poll_seconds,
-        ) or await videos.get(app[POOL], job["id"], account_id=key.account_id)
+        ) or await videos.get(app[POOL], steps.job["id"], account_id=key.account_id)
+        if status == "completed":  # an upstream that made it at once: charge it now rather than at the next poll
+            await hold.settle(quote.hold_micros, outcome=Outcome(), response=answer)
+            started = steps.job
     except UpstreamError as exc:
         failure = exc
         raise
@@ -142,26 +173,22 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         if started is None:
             # No upstream job to follow (it failed, or we were cancelled before learning its id): release the
             # hold now. A job the upstream did start without our hearing of it is not billed.
-            message = failure.message if failure is not None else "the request was cancelled"
-            code = failure.code if failure is not None else "cancelled"
-            await settlement.shielded(app, _fail(app, job, message, code), f"void video {job['id']}")
-    return json_response(render(request, started or job), status=202)
-
-
-async def _fail(app: web.Application, job: dict[str, Any], message: str, code: str) -> None:
-    await fail(app, job, message, {"code": code, "message": message})
+            if failure is not None:
+                await hold.void(failure.message, Outcome(status="upstream_failure", error_code=failure.code))
+            else:
+                await hold.void("the request was cancelled", Outcome(status="cancelled", error_code="cancelled"))
+    return json_response(render(request, started or steps.job), status=202)
 
 
 async def _send(request: web.Request, upstream: Upstream, body: dict[str, Any], form: Form | None,
                 quote: VideoQuote) -> Any:
-    """Start the job upstream: what was priced (size, seconds) is sent explicitly, the rest passes through."""
-    priced = {"size": quote.size, "seconds": str(quote.seconds)}
+    """Start the job upstream with a body rebuilt from the validated fields: what was priced (size, seconds) is
+    sent explicitly, and the reference image (when uploaded) as it came."""
+    outgoing = {"model": body["model"], "prompt": body["prompt"], "size": quote.size, "seconds": str(quote.seconds)}
     if form is None:
-        outgoing = {**body, **priced}
         async with upstream_request(request.app, upstream, "POST", "videos", json_body=outgoing) as resp:
             return await resp.json()
-    fields = [(name, value) for name, value in form.fields if name not in priced] + list(priced.items())
-    data = multipart_body(fields, form.files)
+    data = multipart_body(list(outgoing.items()), form)
     async with upstream_request(request.app, upstream, "POST", "videos", data=data) as resp:
         return await resp.json()
 

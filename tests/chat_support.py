@@ -4,7 +4,10 @@ it, the official OpenAI SDK as the client, and reads of the ledger to state outc
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -13,7 +16,7 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from billing import pricing
+from billing import pricing, tokens
 from gateway.app import create_app
 from gateway.settings import Settings, UpstreamSettings
 from tests.fakes.upstream import FakeUpstream
@@ -108,3 +111,28 @@ def cost(prompt: int, completion: int, cached: int = 0, prices: pricing.TokenPri
 
 
 MESSAGES = [{"role": "user", "content": "Say hello five times."}]
+
+
+def held_prompt(messages: list[Any], extra: dict[str, Any] | None = None, *, bound: bool = False) -> int:
+    """The prompt tokens a hold assumes, by README's rule spelled out here (defaults: safety factor 1.1, 4 tokens
+    a message, 32 a request, 400 with tools): the count (or, `bound`, one token per byte) of the messages' text
+    plus the JSON of the other forwarded fields, at least that text's bytes over 4, times 1.1, rounded up, plus
+    the overheads. The count includes OpenAI's framing, 3 tokens a message and 3 for the reply."""
+    text = "\n".join([*(_strings(m) for m in messages), *([json.dumps(extra, separators=(",", ":"),
+                                                                          ensure_ascii=False)] if extra else [])])
+    framing = 3 * len(messages) + 3
+    size = len(text.encode("utf-8", "surrogatepass"))
+    counted = size + framing if bound else tokens.count_text(text) + framing
+    floor = -(-size // 4) + framing
+    tools = bool(extra) and bool(extra.get("tools") or extra.get("functions"))  # type: ignore[union-attr]
+    return math.ceil(Decimal(max(counted, floor)) * Decimal("1.1")) + 4 * len(messages) + 32 + (400 if tools else 0)
+
+
+def _strings(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(_strings(v) for v in value)
+    if isinstance(value, dict):
+        return "\n".join(_strings(v) for k, v in value.items() if k not in ("type", "detail"))
+    return "" if value is None or isinstance(value, bool) else str(value)

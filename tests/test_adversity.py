@@ -11,8 +11,8 @@ import asyncio
 import asyncpg
 
 from billing import ledger
+from billing.holds import durably
 from billing.verify import verify
-from gateway.settlement import durably
 from tests.factories import make_account, request_id
 
 

@@ -4,8 +4,6 @@ pass-through, failures that cost nothing, dryRun, and K-of-N concurrency against
 from __future__ import annotations
 
 import asyncio
-import math
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -22,6 +20,7 @@ from tests.chat_support import (
     UPSTREAM_KEY,
     account_row,
     cost,
+    held_prompt,
     request_record,
     settled,
 )
@@ -36,8 +35,7 @@ def auth(secret: str) -> dict[str, str]:
 
 
 def expected_hold(messages: list[Any], max_tokens: int, prices: pricing.TokenPrices = PRICES) -> int:
-    padded = math.ceil(Decimal(tokens.count_prompt_sync(messages)) * Decimal("1.1"))
-    return cost(padded, max_tokens, prices=prices)
+    return cost(held_prompt(messages), max_tokens, prices=prices)
 
 
 async def test_sdk_call_is_charged_the_upstream_usage_to_the_micro(
@@ -98,7 +96,7 @@ async def test_openrouter_prefix_is_the_same_model_at_the_same_price(
     assert (await account_row(pool, account_id))["balance"] == FUNDS - 2 * cost(12, 5)
 
 
-async def test_unknown_fields_pass_through_both_ways_and_only_the_upstream_key_goes_upstream(
+async def test_known_fields_go_upstream_as_sent_unknown_answer_fields_come_back_and_only_our_key_goes_up(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -110,7 +108,7 @@ async def test_unknown_fields_pass_through_both_ways_and_only_the_upstream_key_g
         "tools": [tool], "tool_choice": "auto",
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
         "seed": 7, "logprobs": True, "temperature": 0.25, "reasoning": {"effort": "high"},
-        "provider": {"order": ["google-vertex"], "allow_fallbacks": False}, "x_custom": [1, {"deep": None}],
+        "provider": {"order": ["google-vertex"], "allow_fallbacks": False},
     }
     openrouter.extra_message = {
         "reasoning": "thinking...", "reasoning_details": [{"type": "reasoning.text", "text": "t"}],
@@ -123,7 +121,9 @@ async def test_unknown_fields_pass_through_both_ways_and_only_the_upstream_key_g
     resp = await chat_client.post("/v1/chat/completions", headers=auth(secret), json=sent)
     assert resp.status == 200
     answer = await resp.json()
-    assert openrouter.bodies == [sent]  # nothing added, removed or changed (the model id is already the catalog's)
+    # Every field as sent (the model id is already the catalog's), plus the one output limit the hold covers: the
+    # model's whole output limit, as the client set none.
+    assert openrouter.bodies == [{**sent, "max_tokens": 65_536}]
     message = answer["choices"][0]["message"]
     for name, value in openrouter.extra_message.items():
         assert message[name] == value
@@ -133,6 +133,24 @@ async def test_unknown_fields_pass_through_both_ways_and_only_the_upstream_key_g
     assert all(secret not in value for value in headers.values())
     assert UPSTREAM_KEY not in await resp.text()
     assert all(UPSTREAM_KEY not in value for value in resp.headers.values())
+
+
+@pytest.mark.parametrize(("field", "value"), [("x_custom", [1, {"deep": None}]), ("models", ["a/b", "c/d"]),
+                                               ("plugins", [{"id": "web"}]), ("web_search_options", {}),
+                                               ("route", "fallback"), ("service_tier", "priority"),
+                                               ("modalities", ["text", "audio"])],
+                         ids=["unknown", "models", "plugins", "web-search", "route", "priority-tier", "audio"])
+async def test_a_field_that_would_reach_the_upstream_unpriced_is_refused(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, field: str, value: Any
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
+                                  json={"model": MODEL, "messages": MESSAGES, field: value})
+    error = (await resp.json())["error"]
+    assert (resp.status, error["code"], error["param"]) == (400, "INVALID_REQUEST", field)
+    assert field in error["message"]
+    assert openrouter.calls["chat"] == 0
+    assert await pool.fetchval("SELECT count(*) FROM holds") == 0
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer ml-not-a-real-key", "Basic abc"],
@@ -156,7 +174,7 @@ async def test_insufficient_balance_is_402_with_lumenfall_body_and_nothing_reach
         await sdk_factory(secret).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100)
     assert caught.value.status_code == 402
     error = caught.value.response.json()["error"]
-    minimum = cost(math.ceil(tokens.count_prompt_sync(MESSAGES) * Decimal("1.1")), 16)
+    minimum = cost(held_prompt(MESSAGES), 16)
     assert error["code"] == "INSUFFICIENT_BALANCE"
     assert error["type"] == "billing_error"
     assert error["message"].startswith("Insufficient balance")
@@ -169,7 +187,7 @@ async def test_insufficient_balance_is_402_with_lumenfall_body_and_nothing_reach
 async def test_short_balance_sends_the_affordable_max_tokens_and_says_so(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
-    padded = math.ceil(tokens.count_prompt_sync(MESSAGES) * Decimal("1.1"))
+    padded = held_prompt(MESSAGES)
     balance = cost(padded, 0) + 3_000  # the prompt plus 1,000 output tokens at 3 micros each
     account_id, secret = await make_customer(pool, balance_micros=balance)
     resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
@@ -349,7 +367,7 @@ async def test_dry_run_equals_the_real_hold_calls_nothing_and_holds_nothing(
     assert resp.status == 200
     estimate = await resp.json()
     counted = tokens.count_prompt_sync(MESSAGES)
-    padded = math.ceil(counted * Decimal("1.1"))
+    padded = held_prompt(MESSAGES)
     hold = cost(padded, 4_000)
     input_cost = cost(padded, 0)
     assert estimate == {
@@ -386,7 +404,7 @@ async def test_50_concurrent_calls_against_a_balance_for_10_let_exactly_10_throu
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100}
-    padded = math.ceil(tokens.count_prompt_sync(MESSAGES) * Decimal("1.1"))
+    padded = held_prompt(MESSAGES)
     # The openrouter reports exactly the hold's usage, so each call costs its whole hold whenever it settles:
     # the balance admits ten, however the fifty interleave.
     openrouter.prompt_tokens, openrouter.completion_tokens, openrouter.delay = padded, 100, 0.05

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ from hypothesis import strategies as st
 from billing import keys, limits, tokens
 from gateway.app import create_app
 from gateway.settings import Settings
-from tests.chat_support import MODEL, PRICES, account_row, cost, request_record, settled
+from tests.chat_support import MODEL, PRICES, account_row, cost, held_prompt, request_record, settled
 from tests.factories import make_account, make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
 from tests.serving import running
@@ -37,12 +36,13 @@ def auth(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def padded(prompt_tokens: int) -> int:
-    return math.ceil(Decimal(prompt_tokens) * Decimal("1.1"))
+# The prompt tokens a hold assumes for BIG: on its bound, and on its count (README's rule, tests/chat_support).
+HELD_BOUND = held_prompt(BIG, bound=True)
+HELD_COUNT = held_prompt(BIG)
 
 
 def counted_hold(max_tokens: int) -> int:
-    return cost(padded(tokens.count_prompt_sync(BIG)), max_tokens)
+    return cost(HELD_COUNT, max_tokens)
 
 
 async def call(client: TestClient, secret: str, url: str = "/v1/chat/completions", **extra: Any) -> Any:
@@ -72,8 +72,8 @@ def test_the_bound_is_never_below_the_count(text: str, in_tools: bool) -> None:
     """Any text, lone surrogates included, in a message or in a tool definition (counted as its JSON): one token
     per UTF-8 byte is never fewer tokens than tiktoken's."""
     messages = [{"role": "user", "content": "" if in_tools else text}]
-    tools = [{"type": "function", "function": {"name": "f", "description": text}}] if in_tools else None
-    assert tokens.Prompt.of(messages, tools).bound() >= tokens.count_prompt_sync(messages, tools)
+    extra = {"tools": [{"type": "function", "function": {"name": "f", "description": text}}]} if in_tools else None
+    assert tokens.Prompt.of(messages, extra).bound() >= tokens.count_prompt_sync(messages, extra)
 
 
 async def test_a_covered_large_prompt_is_held_on_its_bound_and_charged_its_usage(
@@ -82,7 +82,7 @@ async def test_a_covered_large_prompt_is_held_on_its_bound_and_charged_its_usage
     openrouter.prompt_tokens, openrouter.completion_tokens = 9_001, 5
     account_id, secret = await make_customer(pool, balance_micros=FUNDS)
     record = await held_in_full(chat_client, pool, openrouter, secret)
-    assert record["hold_micros"] == cost(padded(BOUND), 100)
+    assert record["hold_micros"] == cost(HELD_BOUND, 100)
     assert (record["cost_micros"], record["estimated"]) == (cost(9_001, 5), False)
     assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(9_001, 5), 0)
 
@@ -91,7 +91,7 @@ async def test_a_balance_short_of_the_bound_gets_the_counted_hold_in_full(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
     balance = counted_hold(100)
-    assert cost(padded(BOUND), 100) > balance
+    assert cost(HELD_BOUND, 100) > balance
     _, secret = await make_customer(pool, balance_micros=balance)
     record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == balance
@@ -102,8 +102,8 @@ async def test_a_balance_between_the_bounds_minimum_and_its_hold_is_counted_not_
 ) -> None:
     """The bound must be all or nothing: a balance that affords the bound only with a smaller max_tokens gets the
     counted hold in full, never a reduction the count would not make."""
-    balance = cost(padded(BOUND), 50)
-    assert cost(padded(BOUND), 16) < balance < cost(padded(BOUND), 100) and counted_hold(100) < balance
+    balance = cost(HELD_BOUND, 50)
+    assert cost(HELD_BOUND, 16) < balance < cost(HELD_BOUND, 100) and counted_hold(100) < balance
     _, secret = await make_customer(pool, balance_micros=balance)
     record = await held_in_full(chat_client, pool, openrouter, secret)
     assert record["hold_micros"] == counted_hold(100)
@@ -112,7 +112,7 @@ async def test_a_balance_between_the_bounds_minimum_and_its_hold_is_counted_not_
 async def test_a_balance_of_exactly_the_bound_hold_is_held_on_the_bound_and_dry_run_says_so(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
-    balance = cost(padded(BOUND), 100)
+    balance = cost(HELD_BOUND, 100)
     _, secret = await make_customer(pool, balance_micros=balance)
     dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
     assert (dry["total_cost_micros"], dry["sufficient_balance"]) == (balance, True)
@@ -133,7 +133,7 @@ async def test_a_key_limit_short_of_the_bound_gets_the_counted_hold_in_full(
 async def test_a_balance_short_of_the_counted_hold_gets_the_counted_max_tokens(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
 ) -> None:
-    prompt = padded(tokens.count_prompt_sync(BIG))
+    prompt = HELD_COUNT
     balance = cost(prompt, 0) + 60 * 3  # the counted prompt and 60 output tokens at 3 micros each
     _, secret = await make_customer(pool, balance_micros=balance)
     resp = await call(chat_client, secret)
@@ -167,7 +167,7 @@ async def test_missing_usage_charges_the_counted_prompt_not_the_bound(
     assert (await resp.json())["usage"]["cost_micros"] == charge
     record = await request_record(pool, resp.headers["X-Request-Id"])
     assert (record["hold_micros"], record["cost_micros"], record["estimated"]) == (
-        cost(padded(BOUND), 100), charge, True)
+        cost(HELD_BOUND, 100), charge, True)
 
 
 async def test_a_stream_without_usage_charges_the_counted_prompt_not_the_bound(
@@ -180,7 +180,7 @@ async def test_a_stream_without_usage_charges_the_counted_prompt_not_the_bound(
     await resp.read()
     [hold] = await settled(pool, account_id)
     charge = cost(tokens.count_prompt_sync(BIG), tokens.count_text(CONTENT_PIECE * 5))
-    assert (hold["amount_micros"], hold["actual_micros"]) == (cost(padded(BOUND), 100), charge)
+    assert (hold["amount_micros"], hold["actual_micros"]) == (cost(HELD_BOUND, 100), charge)
 
 
 async def test_prompts_up_to_256_characters_are_counted_and_longer_ones_bounded(
@@ -194,8 +194,8 @@ async def test_prompts_up_to_256_characters_are_counted_and_longer_ones_bounded(
         resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
                                       json={"model": MODEL, "messages": messages, "max_tokens": 10})
         assert resp.status == 200
-        prompt = tokens.count_prompt_sync(messages) if rule == "counted" else 256 + extra + 3 + 3
-        assert (await request_record(pool, resp.headers["X-Request-Id"]))["hold_micros"] == cost(padded(prompt), 10)
+        held = held_prompt(messages, bound=rule == "bounded")
+        assert (await request_record(pool, resp.headers["X-Request-Id"]))["hold_micros"] == cost(held, 10)
 
 
 async def test_dry_run_is_the_bound_hold_when_the_balance_covers_it(
@@ -203,7 +203,7 @@ async def test_dry_run_is_the_bound_hold_when_the_balance_covers_it(
 ) -> None:
     _, secret = await make_customer(pool, balance_micros=FUNDS)
     dry = await (await call(chat_client, secret, url="/v1/chat/completions?dryRun=true")).json()
-    assert dry["total_cost_micros"] == cost(padded(BOUND), 100)
+    assert dry["total_cost_micros"] == cost(HELD_BOUND, 100)
     assert dry["components"][0]["quantity"] == BOUND
     assert openrouter.calls["chat"] == 0
     record = await held_in_full(chat_client, pool, openrouter, secret)
