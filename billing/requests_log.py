@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -63,11 +64,15 @@ def encode_cursor(created_at: datetime, request_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# Request ids are ours (billing.accounts.new_id): a cursor naming anything else is not one of our pages.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, sep, request_id = raw.partition("|")
-        if not sep or not request_id:
+        if not sep or not _REQUEST_ID.fullmatch(request_id):
             raise ValueError(cursor)
         created_at = datetime.fromisoformat(at).astimezone(UTC)
     except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):

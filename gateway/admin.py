@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -10,13 +11,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
 from gateway.auth import admin_middleware
-from gateway.bodies import query_int, read_model
+from gateway.bodies import header, query_int, read_model
 from gateway.errors import invalid
 from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
 from gateway.render import json_response
 
 routes = web.RouteTableDef()
+# A ledger page's cursor is a transfer id: ASCII digits within bigint (str.isdigit would pass "²").
+_LEDGER_CURSOR = re.compile(r"[0-9]{1,18}")
 
 def _no_nul(value: str) -> str:
     if "\x00" in value:
@@ -164,7 +167,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 def _idempotency_key(request: web.Request) -> str:
-    key = request.headers.get("Idempotency-Key", "").strip()
+    key = (header(request, "Idempotency-Key") or "").strip()
     if not key:
         raise invalid("An Idempotency-Key header is required for money movements", "Idempotency-Key")
     if len(key) > 255:
@@ -210,7 +213,7 @@ async def adjustment(request: web.Request) -> web.Response:
 async def account_ledger(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", default=50, low=1, high=500)
     cursor = request.query.get("cursor") or None
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not _LEDGER_CURSOR.fullmatch(cursor):
         raise invalid("cursor must be a next_cursor value from a previous page", "cursor")
     rows = await accounts.ledger_entries(
         request.config_dict[POOL], request.match_info["account_id"],

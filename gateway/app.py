@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -15,7 +14,7 @@ from billing.errors import DatabaseUnavailable
 from billing.holds import Holds
 from billing.keys import KeyStore, follow_key_changes
 from billing.tasks import TaskOwner
-from gateway import admin, auth, chat, consumer, images, media_poller, models_api, usage, videos
+from gateway import admin, auth, chat, consumer, images, media_poller, models_api, server, usage, videos
 from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
@@ -117,11 +116,10 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def serve(settings: Settings, **kwargs: Any) -> None:
+def serve(settings: Settings, *, host: str, port: int, reuse_port: bool = False,
+          print: Callable[[str], None] | None = None) -> None:
     """Serve until stopped: `meterline serve`, and each process of `serve --workers`. On uvloop's event loop
     unless `uvloop = false` (or it is not installed: it has no Windows build)."""
-    from aiohttp.log import access_logger
-
     loop: asyncio.AbstractEventLoop | None = None
     if settings.uvloop:
         try:
@@ -130,5 +128,5 @@ def serve(settings: Settings, **kwargs: Any) -> None:
             pass
         else:
             loop = uvloop.new_event_loop()
-    web.run_app(create_app(settings), access_log=access_logger if settings.access_log else None, loop=loop,
-                **kwargs)
+    server.run(create_app(settings), host=host, port=port, loop=loop or asyncio.new_event_loop(),
+               access_log=settings.access_log, reuse_port=reuse_port, print=print)

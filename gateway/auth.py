@@ -10,6 +10,7 @@ from aiohttp import web
 
 from billing import limits
 from billing.keys import ApiKey
+from gateway.bodies import header
 from gateway.errors import REQUEST_ID, REQUEST_ID_HEADER, ApiError, Handler, unauthenticated
 from gateway.keys import API_KEY, KEY_STORE, POOL, SETTINGS
 
@@ -17,8 +18,7 @@ RATE_HEADERS = web.RequestKey("rate_headers", dict[str, str])
 
 
 def bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = (header(request, "Authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()

@@ -1,8 +1,15 @@
-"""Reading request input: JSON bodies, query parameters and their validation into clear 400s."""
+"""Reading request input: JSON bodies, headers and query parameters, validated into clear 400s.
+
+Text is checked before it can reach PostgreSQL or an upstream: a JSON body may not hold a lone UTF-16 surrogate
+(`\\ud800` unpaired: not Unicode text, and unencodable), a NUL character (PostgreSQL text cannot hold one) or
+an integer beyond 64 bits, anywhere; the 400 names the field. A header read as text must be valid UTF-8 without
+control characters.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -13,18 +20,68 @@ from gateway.errors import invalid
 
 M = TypeVar("M", bound=BaseModel)
 
+# What a JSON text must contain for a decoded value to hold a surrogate, a NUL or an integer past 64 bits: only
+# bodies that match are walked, so the common body costs one scan in C.
+_SUSPECT = re.compile(rb"\\u[dD][89a-fA-F]|\\u0000|[0-9]{19}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INT64 = 2**63
+
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:
+        raise invalid("The request body could not be read: its Content-Encoding does not decode") from None
     if not raw:
         raise invalid("The request body is empty; send a JSON object")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise invalid(f"The request body is not valid JSON: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise invalid("The request body holds an integer too large to be a number any field takes") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object")
+    if _SUSPECT.search(raw):
+        check_text(data, "")
     return data
+
+
+def check_text(value: Any, where: str) -> None:
+    """Raise a 400 naming the first field (dotted path) holding a lone surrogate, a NUL or an integer past 64
+    bits. Keys are checked like values."""
+    if isinstance(value, str):
+        _check_string(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_string(key, f"{where}.{key}" if where else key)
+            check_text(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}.{index}" if where else str(index))
+    elif isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        raise invalid(f"{where or 'the body'}: is an integer beyond 64 bits", where or None)
+
+
+def _check_string(value: str, where: str) -> None:
+    if "\x00" in value:
+        raise invalid(f"{where or 'the body'}: must not contain NUL characters", where or None)
+    if not value.isascii() and _SURROGATE.search(value):
+        raise invalid(f"{where or 'the body'}: holds a lone UTF-16 surrogate, which is not valid Unicode text",
+                      where or None)
+
+
+def header(request: web.Request, name: str) -> str | None:
+    """A header read as text, or None when absent: 400 naming it when it is not valid UTF-8 or holds a control
+    character (its value is never echoed)."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not value.isascii() and _SURROGATE.search(value):
+        raise invalid(f"The {name} header is not valid UTF-8", name)
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise invalid(f"The {name} header holds a control character", name)
+    return value
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:

@@ -30,6 +30,7 @@ from billing.records import Outcome
 from billing.tasks import TaskOwner
 from gateway.chat_usage import choice_texts, priced_usage, usage_outcome
 from gateway.errors import ApiError
+from gateway.render import dumps
 from gateway.upstream import EventReader, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("meterline.chat")
@@ -45,7 +46,7 @@ def _payload(event: bytes) -> bytes:
 
 
 def _encode(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + dumps(data).encode() + b"\n\n"
 
 
 def error_event(exc: ApiError) -> bytes:

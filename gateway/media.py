@@ -11,6 +11,7 @@ from billing import ledger
 from billing.catalog_config import ImageModelConfig, VideoModelConfig
 from billing.media_pricing import MediaPriceError
 from billing.pricing import Estimate
+from gateway.bodies import header
 from gateway.errors import ApiError, invalid
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.multipart import Limits
@@ -24,7 +25,7 @@ _MAX_IDEMPOTENCY_KEY = 255
 
 
 def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
+    key = header(request, "Idempotency-Key")
     if key is None:
         return None
     key = key.strip()

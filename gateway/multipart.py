@@ -98,7 +98,7 @@ async def read_form(request: web.Request, limits: Limits, *, repeatable: frozens
                 else:
                     await _read_file(part, name, part.filename, form, digest, limits)
                 await asyncio.sleep(0)  # one upload's parts never hold up other requests
-        except (ValueError, AssertionError, aiohttp.ClientPayloadError) as exc:
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError, web.RequestPayloadError) as exc:
             raise invalid(f"The multipart body is malformed: {type(exc).__name__}") from None
     except BaseException:
         form.close()

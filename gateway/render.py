@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,8 +27,16 @@ def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def dumps(data: Any) -> str:
-    return json.dumps(data, default=_default, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text. A lone surrogate (an upstream may send one as an escape) cannot be written as UTF-8, so
+    then the text is escaped (`\\ud800`), which is what the upstream sent."""
+    text = json.dumps(data, default=_default, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii() and _SURROGATE.search(text):
+        return json.dumps(data, default=_default, separators=(",", ":"))
+    return text
 
 
 def json_response(

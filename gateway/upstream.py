@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.keys import HTTP, SETTINGS
+from gateway.render import dumps
 from gateway.settings import UpstreamSettings
 
 log = logging.getLogger("meterline.upstream")
@@ -73,9 +75,36 @@ class Upstream:
         )
 
     def redact(self, text: str) -> str:
-        """Never echo our upstream key back, even if an upstream quotes it in an error."""
+        """Never echo a key back, even if an upstream quotes one in an error: ours, whole or in part, in any case
+        (an upstream may truncate, mask or lower-case it), and anything shaped like an API key."""
+        text = _KEY_SHAPED.sub("[redacted]", text)
         key = self.settings.api_key()
-        return text.replace(key, "[redacted]") if key else text
+        return _without(text, key) if key else text
+
+
+# Shapes of API keys an upstream's message might quote (OpenAI's and OpenRouter's sk-, ours ml-, ...).
+_KEY_SHAPED = re.compile(r"(?i)\b(?:sk|ml|rk|pk|key)[-_][a-z0-9_\-]{12,}")
+# The shortest run of a key's characters that counts as quoting it.
+_KEY_RUN = 8
+
+
+def _without(text: str, key: str) -> str:
+    """`text` with every run of at least _KEY_RUN characters of `key` (compared case-insensitively) redacted."""
+    lowered, secret = text.lower(), key.lower()
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start <= len(lowered) - _KEY_RUN:
+        if lowered[start:start + _KEY_RUN] in secret:
+            end = start + _KEY_RUN
+            while end < len(lowered) and lowered[start:end + 1] in secret:
+                end += 1
+            spans.append((start, end))
+            start = end
+        else:
+            start += 1
+    for begin, end in reversed(spans):
+        text = text[:begin] + "[redacted]" + text[end:]
+    return text
 
 
 def upstream_named(app: web.Application, name: str) -> Upstream:
@@ -232,7 +261,7 @@ async def open_response(
     body: Any = data
     send_headers = upstream.headers(headers)
     if json_body is not None:
-        body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
+        body = dumps(json_body).encode()
         send_headers["Content-Type"] = "application/json"
     try:
         raw = await session.request(method, upstream.url(path), data=body, params=params,

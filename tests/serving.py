@@ -1,5 +1,5 @@
-"""Real servers for tests: an app on a loopback port with a chosen `handler_cancellation`, and a whole
-`meterline serve` process.
+"""Real servers for tests: an app on a loopback port, served as `meterline serve` serves it (gateway.server) with a
+chosen `handler_cancellation`, and a whole `meterline serve` process.
 
 aiohttp's TestServer always turns handler cancellation on, but `meterline serve` runs with aiohttp's default
 (off): there a client that leaves is noticed by a failed write, not by cancellation. Tests that care about the
@@ -21,13 +21,16 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gateway import server
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
-async def running(app: web.Application, *, handler_cancellation: bool) -> AsyncIterator[str]:
+async def running(app: web.Application, *, handler_cancellation: bool, access_log: bool = False
+                  ) -> AsyncIterator[str]:
     """Serve `app` on 127.0.0.1 with the given handler_cancellation; yields the base URL."""
-    runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
+    runner = server.runner(app, access_log=access_log, handler_cancellation=handler_cancellation)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

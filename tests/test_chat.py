@@ -66,21 +66,39 @@ async def test_sdk_call_is_charged_the_upstream_usage_to_the_micro(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
-async def test_a_nul_in_the_user_field_cannot_escape_the_charge(
+async def test_text_postgresql_cannot_hold_from_the_upstream_cannot_escape_the_charge(
     chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, stream: bool
 ) -> None:
-    """PostgreSQL cannot store U+0000; a record carrying one must still be settled (the NUL is dropped)."""
+    """PostgreSQL cannot store U+0000 nor encode a lone surrogate; an upstream's usage carrying them is still
+    settled, its record stored with the NUL dropped and the surrogate replaced (a client's own text with either
+    is refused at the edge: tests/test_bad_input.py)."""
     openrouter.prompt_tokens, openrouter.completion_tokens = 100, 10
+    openrouter.usage_extra = {"note": "a\u0000b\ud800c"}
     account_id, secret = await make_customer(pool, balance_micros=FUNDS)
     resp = await chat_client.post("/v1/chat/completions", headers=auth(secret), json={
-        "model": MODEL, "messages": MESSAGES, "max_tokens": 50, "user": "a\u0000b", "stream": stream})
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 50, "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None})
     assert resp.status == 200
     await resp.read()
     [hold] = await settled(pool, account_id)
     assert hold["state"] == "settled"
     assert tuple(await account_row(pool, account_id)) == (FUNDS - cost(100, 10), 0)
-    assert (await request_record(pool, hold["request_id"]))["user"] == "ab"
+    assert (await request_record(pool, hold["request_id"]))["usage"]["note"] == "ab\ufffdc"
     assert await verify(pool) == []
+
+
+async def test_an_upstream_error_postgresql_cannot_hold_still_voids_its_hold(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream
+) -> None:
+    openrouter.status, openrouter.error_message = 400, "bad \u0000 request \ud800"
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
+                                  json={"model": MODEL, "messages": MESSAGES, "max_tokens": 50})
+    assert resp.status == 400
+    [hold] = await settled(pool, account_id)
+    assert hold["state"] == "voided"
+    assert (await request_record(pool, hold["request_id"]))["error_message"] == "bad  request \ufffd"
+    assert tuple(await account_row(pool, account_id)) == (FUNDS, 0)
 
 
 async def test_openrouter_prefix_is_the_same_model_at_the_same_price(

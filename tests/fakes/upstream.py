@@ -5,7 +5,7 @@ in USD), `status` (an error status chat answers with), `delay` (seconds before a
 chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connection after N chunks),
 `error_after` (send an SSE error event after N chunks), `hold_after` (after N chunks wait until `release` is
 set), `hold_usage` (wait for `usage_release` before the usage chunk), `extra_message` / `extra_chunk` /
-`extra_top` (unknown fields it answers with), and `models` (the `GET /models` list) or `models_status`.
+`extra_top` / `usage_extra` (unknown fields it answers with), and `models` (the `GET /models` list) or `models_status`.
 It counts calls and records every request's JSON body and headers.
 """
 
@@ -56,6 +56,7 @@ class FakeUpstream:
     extra_message: dict[str, Any] = field(default_factory=dict)
     extra_chunk: dict[str, Any] = field(default_factory=dict)
     extra_top: dict[str, Any] = field(default_factory=dict)
+    usage_extra: dict[str, Any] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
     models_status: int | None = None
     calls: Counter[str] = field(default_factory=Counter)
@@ -85,7 +86,7 @@ class FakeUpstream:
         }
         if self.cost is not None:
             body["cost"] = 0 if zero else float(self.cost)
-        return body
+        return {**body, **self.usage_extra}
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.calls["models"] += 1
