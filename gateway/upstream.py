@@ -14,6 +14,7 @@ pass through untranslated: only the request and the reads made through `Upstream
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -36,6 +37,8 @@ log = logging.getLogger("meterline.upstream")
 # Upstream statuses that mean "the request itself is wrong": the client gets a 400 with the upstream's words.
 _CLIENT_FAULT = frozenset({400, 404, 413, 422})
 _MESSAGE_LIMIT = 1000
+# Bodies past this are sent from a stream (aiohttp.payload.TOO_LARGE_BYTES_BODY).
+_LARGE_BODY = 1024 * 1024
 
 
 class UpstreamError(ApiError):
@@ -262,6 +265,8 @@ async def open_response(
     send_headers = upstream.headers(headers)
     if json_body is not None:
         body = dumps(json_body).encode()
+        if len(body) > _LARGE_BODY:  # aiohttp writes a large bytes body in one go, blocking; a stream is chunked
+            body = io.BytesIO(body)
         send_headers["Content-Type"] = "application/json"
     try:
         raw = await session.request(method, upstream.url(path), data=body, params=params,
