@@ -235,6 +235,17 @@ class _Transaction:
             raise self._conn._translated(exc) from exc
 
 
+class _QuietOutages(logging.Filter):
+    """asyncpg's pool logs each failed attempt to restore its connection floor with a traceback; an outage is
+    logged once by Health instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DatabaseUnavailable))
+
+
+_QUIET = _QuietOutages()
+
+
 def _connector(health: Health | None) -> Any:
     """The pool's `connect`: opens a `Connection` reporting to `health`; a failure to connect is translated (no
     statement ran)."""
@@ -267,6 +278,7 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10, health
                       command_timeout: float = COMMAND_TIMEOUT_SECONDS, **kwargs: Any) -> asyncpg.Pool:
     """A pool of `Connection`s. A database that does not answer when the pool opens raises DatabaseUnavailable."""
     kwargs.setdefault("reset", _keep_session)
+    logging.getLogger("asyncpg.pool").addFilter(_QUIET)  # the same filter object: adding it again does nothing
     pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
                                      connect=_connector(health), connection_class=Connection,
                                      command_timeout=command_timeout, **kwargs)

@@ -138,20 +138,18 @@ async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: Chat
                         settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    cancelled = False
     try:
         await relay.run(request, response)
     except asyncio.CancelledError:
-        cancelled = True
         # Cancelled because the client left (handler_cancellation), or because the server is stopping.
         relay.client_gone = request.transport is None or request.transport.is_closing()
         raise
     finally:
-        # The upstream is drained (if the client left early) and the hold settled in a task the app owns;
-        # the handler waits for it unless it is being cancelled.
-        finishing = relay.finish_owned(app[TASKS])
-        if not cancelled:
-            await asyncio.shield(finishing)
+        # The upstream is drained (if the client left early) and the hold settled in a task the app owns. The
+        # handler does not wait for it: a stream that ended was sent its last events once its charge committed
+        # (or the wait for that commit ran out during an outage), and a client that left is not waiting; the
+        # connection is free for the client's next request meanwhile.
+        relay.finish_owned(app[TASKS])
     return response
 
 

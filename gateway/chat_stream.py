@@ -75,6 +75,7 @@ class StreamRelay:
         self.failure: ApiError | None = None
         self.client_gone = False
         self.settling: asyncio.Task[None] | None = None  # the settlement, once started
+        self.waited = False  # the stream has waited for its settlement's commit
 
     async def run(self, request: web.Request, response: web.StreamResponse) -> None:
         """Relay until the upstream ends or the client leaves. A client that leaves makes writes raise
@@ -113,7 +114,8 @@ class StreamRelay:
         if self.settling is None:
             self.hold.hand_off()
             self.settling = self.tasks.drained(self._resolve(), f"settle stream {self.hold.request_id}")
-        if not self.settling.done():
+        if not self.settling.done() and not self.waited:
+            self.waited = True  # the bound is for the whole stream: once spent, the stream finishes
             _, late = await asyncio.wait({self.settling}, timeout=self.settle_wait_seconds)
             if late:
                 log.warning("stream %s: its charge has not committed within %gs; finishing the stream while the "

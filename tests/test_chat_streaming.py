@@ -5,6 +5,7 @@ exactly one correct charge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -12,14 +13,17 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from billing import tokens
+from billing.verify import verify
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.chat_support import (
     MESSAGES,
     MODEL,
+    UPSTREAM_KEY,
+    UPSTREAM_KEY_ENV,
     account_row,
     cost,
     point_at,
@@ -28,7 +32,7 @@ from tests.chat_support import (
 )
 from tests.factories import make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
-from tests.serving import running
+from tests.serving import meterline_serve, running
 
 FUNDS = 10_000_000
 BODY = {"model": MODEL, "messages": MESSAGES, "max_tokens": 100, "stream": True}
@@ -232,3 +236,55 @@ async def test_stream_with_zero_usage_bills_zero(
     await settled(pool, account_id)
     assert await charges(pool) == [(0, False)]
     assert tuple(await account_row(pool, account_id)) == (FUNDS, 0)
+
+
+async def _backend_waiting_on_a_lock(pool: asyncpg.Pool, text: str) -> int:
+    for _ in range(1_000):  # a bound on waiting for the settlement to reach the lock, not a timing assertion
+        pid = await pool.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND query LIKE $1", f"%{text}%")
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend waited on {text}")
+
+
+async def test_a_stream_killed_right_after_its_done_was_charged_first(
+        pool: asyncpg.Pool, database_url: str, openrouter: FakeUpstream, openrouter_server: TestServer) -> None:
+    """The usage chunk and [DONE] go out only once the charge has committed, so a gateway killed with SIGKILL
+    right after a client received a whole stream cannot lose its charge (issue 10's soak lost 33 calls at kills,
+    whole streams among them). The settlement is held on the account's row lock to see the order."""
+    account, secret = await make_customer(pool, balance_micros=FUNDS)
+    env = {"METERLINE_DATABASE_URL": database_url, "METERLINE_REMOTE_CATALOG": "false",
+           "METERLINE_UPSTREAMS__OPENROUTER__BASE_URL": str(openrouter_server.make_url("/api/v1")),
+           "METERLINE_UPSTREAMS__OPENROUTER__API_KEY_ENV": UPSTREAM_KEY_ENV, UPSTREAM_KEY_ENV: UPSTREAM_KEY}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 50, "stream": True,
+            "stream_options": {"include_usage": True}}
+    openrouter.hold_after = openrouter.chunks  # the upstream pauses before its usage chunk...
+    async with meterline_serve(env) as (base, proc), aiohttp.ClientSession() as http:
+        resp = await http.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {secret}"})
+        assert resp.status == 200, await resp.text()
+        await asyncio.wait_for(openrouter.held.wait(), 10)
+        async with pool.acquire() as blocker:  # ...while the account's row is locked, then sends it
+            locked = blocker.transaction()
+            await locked.start()
+            await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account)
+            openrouter.release.set()
+            await _backend_waiting_on_a_lock(pool, "meterline_settle")
+            received = b""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async for chunk in resp.content.iter_any():
+                        received += chunk
+            assert received.count(CONTENT_PIECE.encode()) == 5  # the content went out as it came...
+            assert b'"usage"' not in received and b"[DONE]" not in received  # ...the ending waits for the charge
+            await locked.rollback()
+        received += await resp.content.read()
+        assert received.rstrip().endswith(b"data: [DONE]") and b'"cost_micros"' in received
+        proc.kill()  # SIGKILL, the moment the client has the whole stream
+        await proc.wait()
+    hold = await pool.fetchrow("SELECT state, actual_micros FROM holds WHERE account_id = $1", account)
+    assert tuple(hold) == ("settled", cost(12, 5))
+    assert await pool.fetchval("SELECT count(*) FROM transfers WHERE kind = 'charge' AND account_id = $1",
+                               account) == 1
+    assert await verify(pool) == []

@@ -3,10 +3,11 @@
 Knobs: `usage` ("present", "absent" or "zero") and the token counts it reports, `cost` (OpenRouter's usage.cost
 in USD), `status` (an error status chat answers with), `delay` (seconds before answering), `chunks` (content
 chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connection after N chunks),
-`error_after` (send an SSE error event after N chunks), `hold_after` (after N chunks wait until `release` is
-set), `hold_usage` (wait for `usage_release` before the usage chunk), `extra_message` / `extra_chunk` /
-`extra_top` / `usage_extra` (unknown fields it answers with), and `models` (the `GET /models` list) or `models_status`.
-It counts calls and records every request's JSON body and headers.
+`error_after` (send an SSE error event after N chunks), `hold_answers` (a non-streaming answer waits for
+`release`), `hold_after` (after N chunks wait until `release` is set), `hold_usage` (wait for `usage_release`
+before the usage chunk), `extra_message` / `extra_chunk` / `extra_top` / `usage_extra` (unknown fields it answers
+with), and `models` (the `GET /models` list) or `models_status`. It counts calls and records every request's JSON
+body and headers.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class FakeUpstream:
     drop_after: int | None = None
     error_after: int | None = None
     hold_after: int | None = None
+    hold_answers: bool = False  # a non-streaming call waits for `release` before it answers
     hold_usage: bool = False
     extra_message: dict[str, Any] = field(default_factory=dict)
     extra_chunk: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +103,8 @@ class FakeUpstream:
         self.headers.append(dict(request.headers))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.hold_answers and not body.get("stream"):
+            await self.release.wait()
         if self.status is not None:
             return web.json_response({"error": {"message": self.error_message, "code": self.status}},
                                      status=self.status)
