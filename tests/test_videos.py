@@ -160,6 +160,29 @@ async def test_failing_job_is_voided(
     assert await verify(pool) == []
 
 
+async def test_a_job_the_upstream_finished_at_once_is_settled_at_once(
+    api: TestClient, pool: asyncpg.Pool, customer: tuple[str, str], fake: MediaUpstream
+) -> None:
+    fake.created_status = "completed"
+    video = await create(api, customer[1], size="1024x1792", seconds=4)
+    assert (video["status"], video["metadata"]["cost_micros"]) == ("completed", 4 * TALL_PER_SECOND)
+    assert await money(pool, customer[0]) == (FUNDS - 4 * TALL_PER_SECOND, 0)
+    assert await pool.fetchval("SELECT state FROM holds") == "settled"
+    assert tuple(await pool.fetchrow("SELECT status, quantity, cost_micros FROM requests")) == (
+        "completed", 4, 4 * TALL_PER_SECOND)
+    assert fake.calls["get_video"] == 0  # nothing was left to poll
+    assert await verify(pool) == []
+
+
+async def test_an_unknown_creation_field_is_refused_unforwarded(
+    api: TestClient, pool: asyncpg.Pool, customer: tuple[str, str], fake: MediaUpstream
+) -> None:
+    resp = await api.post("/v1/videos", json={"model": MODEL, "prompt": "x", "quality": "max"},
+                          headers=auth(customer[1]))
+    assert (resp.status, (await resp.json())["error"]["param"]) == (400, "quality")
+    assert fake.calls["create_video"] == 0 and await pool.fetchval("SELECT count(*) FROM holds") == 0
+
+
 async def test_upstream_refusing_the_job_voids_the_hold(
     api: TestClient, pool: asyncpg.Pool, customer: tuple[str, str], fake: MediaUpstream
 ) -> None:

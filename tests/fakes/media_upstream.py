@@ -2,7 +2,8 @@
 
 Knobs: `images_returned` (how many images a call returns; None = as many as asked), `status` (an error
 status every POST answers with), `delay` (before an image generation answers), `progression` (the statuses a
-video reports on its 1st, 2nd, … poll; the last one sticks), `content` (the bytes a completed video serves).
+video reports on its 1st, 2nd, … poll; the last one sticks), `created_status` (a new video's status in the answer
+to its creation), `content` (the bytes a completed video serves).
 It counts calls, and records bodies, headers and the multipart parts it received, so tests can state exactly
 what reached it.
 """
@@ -40,6 +41,7 @@ class MediaUpstream:
     status: int | None = None
     delay: float = 0.0  # seconds an image call waits before answering
     progression: list[str] = field(default_factory=lambda: ["in_progress", "completed"])
+    created_status: str = "queued"  # what a new video's status is in the answer to its creation
     content: bytes = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
     calls: Counter[str] = field(default_factory=Counter)
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -110,7 +112,8 @@ class MediaUpstream:
             return failed
         video_id = f"up_video_{next(self._ids)}"
         self.videos[video_id] = {
-            "id": video_id, "object": "video", "model": body.get("model"), "status": "queued", "progress": 0,
+            "id": video_id, "object": "video", "model": body.get("model"), "status": self.created_status,
+            "progress": 100 if self.created_status == "completed" else 0,
             "created_at": 1_700_000_000, "seconds": str(body.get("seconds", "4")), "size": body.get("size"),
         }
         return web.json_response(self.videos[video_id])
