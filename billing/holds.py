@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -223,10 +222,8 @@ class Hold:
         self.tasks.drained(void(), f"void {self.request_id}")
 
     def _json(self, outcome: Outcome) -> dict[str, Any]:
-        record = self.record.finished(outcome)
-        if record.duration_ms is None:  # from the call's arrival to its outcome
-            record = dataclasses.replace(record, duration_ms=int((time.monotonic() - self._opened) * 1000))
-        return record.as_json()
+        # The duration, unless the outcome states one, runs from the call's arrival to its outcome.
+        return self.record.as_json(outcome, duration_ms=int((time.monotonic() - self._opened) * 1000))
 
     async def settle(self, actual_micros: int, *, estimated: bool = False, outcome: Outcome,
                      response: dict[str, Any] | None = None) -> Resolution | None:

@@ -57,23 +57,26 @@ class RequestRecord:
     usage: dict[str, Any] | None = None
     duration_ms: int | None = None
 
-    def finished(self, outcome: Outcome) -> RequestRecord:
-        changes = {field.name: getattr(outcome, field.name) for field in dataclasses.fields(outcome)}
-        if changes["quantity"] is None:
-            del changes["quantity"]
-        return dataclasses.replace(self, **changes)
-
-    def as_json(self) -> dict[str, Any]:
-        """The jsonb `meterline_record` reads: set fields only, text cleaned and bounded."""
+    def as_json(self, outcome: Outcome | None = None, *, duration_ms: int | None = None) -> dict[str, Any]:
+        """The jsonb `meterline_record` reads: this record's set fields with the outcome's laid over them (an
+        outcome's None leaves the record's value), text cleaned and bounded; `duration_ms` when neither gives one."""
         out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                continue
-            if isinstance(value, str):
-                value = _text(value)
-            out[field.name] = value
+        for name in _RECORD_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = _text(value) if isinstance(value, str) else value
+        if outcome is not None:
+            for name in _OUTCOME_FIELDS:
+                value = getattr(outcome, name)
+                if value is not None:
+                    out[name] = _text(value) if isinstance(value, str) else value
+        if duration_ms is not None:
+            out.setdefault("duration_ms", duration_ms)
         return out
+
+
+_RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(RequestRecord))
+_OUTCOME_FIELDS = tuple(field.name for field in dataclasses.fields(Outcome))
 
 
 def _text(value: str) -> str:

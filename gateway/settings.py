@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     catalog_refresh_seconds: float = Field(default=300.0, gt=0)
     remote_catalog: bool = Field(default=True, description="Load the text upstream's GET /models")
     markup: Decimal = Field(default=Decimal(0), ge=0, description="Added to remote prices: 0.05 = +5%")
-    prompt_safety_factor: Decimal = Field(default=Decimal("1.1"), ge=1, le=10)
+    prompt_safety_factor: Decimal = Field(default=Decimal("1.25"), ge=1, le=10)
     # Tokens a hold adds for the chat templates providers wrap a prompt in (README, "The hold").
     prompt_overhead_per_message: int = Field(default=4, ge=0)
     prompt_overhead_per_request: int = Field(default=32, ge=0)

@@ -114,9 +114,9 @@ MESSAGES = [{"role": "user", "content": "Say hello five times."}]
 
 
 def held_prompt(messages: list[Any], extra: dict[str, Any] | None = None, *, bound: bool = False) -> int:
-    """The prompt tokens a hold assumes, by README's rule spelled out here (defaults: safety factor 1.1, 4 tokens
+    """The prompt tokens a hold assumes, by README's rule spelled out here (defaults: safety factor 1.25, 4 tokens
     a message, 32 a request, 400 with tools): the count (or, `bound`, one token per byte) of the messages' text
-    plus the JSON of the other forwarded fields, at least that text's bytes over 4, times 1.1, rounded up, plus
+    plus the JSON of the other forwarded fields, at least that text's bytes over 4, times 1.25, rounded up, plus
     the overheads. The count includes OpenAI's framing, 3 tokens a message and 3 for the reply."""
     text = "\n".join([*(_strings(m) for m in messages), *([json.dumps(extra, separators=(",", ":"),
                                                                           ensure_ascii=False)] if extra else [])])
@@ -125,7 +125,7 @@ def held_prompt(messages: list[Any], extra: dict[str, Any] | None = None, *, bou
     counted = size + framing if bound else tokens.count_text(text) + framing
     floor = -(-size // 4) + framing
     tools = bool(extra) and bool(extra.get("tools") or extra.get("functions"))  # type: ignore[union-attr]
-    return math.ceil(Decimal(max(counted, floor)) * Decimal("1.1")) + 4 * len(messages) + 32 + (400 if tools else 0)
+    return math.ceil(Decimal(max(counted, floor)) * Decimal("1.25")) + 4 * len(messages) + 32 + (400 if tools else 0)
 
 
 def _strings(value: Any) -> str:
