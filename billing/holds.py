@@ -230,8 +230,8 @@ class Hold:
         """Post the charge and release the rest of the hold, once, durably: committed when this returns."""
         if self._resolving:
             return self.resolution
-        self._resolving = True
         ledger.check_charge(actual_micros)
+        self._resolving = True
         self.resolution = await self.tasks.shielded(self._settle(actual_micros, estimated, outcome, response),
                                                     f"settle {self.request_id}")
         return self.resolution
@@ -245,8 +245,9 @@ class Hold:
                         step: Callable[[dict[str, Any]], Awaitable[Resolution | None]]) -> Resolution | None:
         """Run a settle or void step durably with the call's record. Should PostgreSQL refuse something in the
         record (a bug, not an outage), the money still moves, with the record reduced to its validated fields."""
+        record = self._json(outcome)  # once: a retry through an outage does not lengthen the call's duration
         try:
-            return await durably(lambda: step(self._json(outcome)))
+            return await durably(lambda: step(record))
         except asyncpg.PostgresError:
             log.exception("resolving %s failed on its request record; resolving it with a minimal record",
                           self.request_id)

@@ -39,11 +39,6 @@ class TaskOwner:
         """Await `coro` in a drained task: cancelling the caller does not cancel the work."""
         return await asyncio.shield(self.drained(coro, name))
 
-    @property
-    def pending(self) -> int:
-        """Drained tasks still running (settlements in flight, retries waiting for the database)."""
-        return len(self._drained)
-
     def _start(self, coro: Coroutine[Any, Any, T], name: str, into: set[asyncio.Task[Any]]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
         into.add(task)

@@ -26,6 +26,7 @@ M = TypeVar("M", bound=BaseModel)
 _SUSPECT = re.compile(rb"\\u(?:[dD][89a-fA-F]|0000)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INT64 = 2**63
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed in a header value
 
 
 class _Oversized(Exception):
@@ -95,7 +96,7 @@ def header(request: web.Request, name: str) -> str | None:
         return None
     if not value.isascii() and _SURROGATE.search(value):
         raise invalid(f"The {name} header is not valid UTF-8", name)
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if _CONTROL.search(value):
         raise invalid(f"The {name} header holds a control character", name)
     return value
 
