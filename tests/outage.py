@@ -1,4 +1,5 @@
-"""An embedded PostgreSQL of the test's own that can be stopped and started again, for outage tests.
+"""Adversity for tests: an embedded PostgreSQL of the test's own that can be stopped and started again, and a wait
+for a statement to block on a row lock (so a test can hold a money step mid-way, as a slow database would).
 
 The session's shared server is never stopped; each outage test gets a fresh pgserver in a temporary directory. It
 keeps its data and its socket path across a stop, so a gateway's database URL stays valid through the outage,
@@ -50,6 +51,18 @@ class StoppablePostgres:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped; the directory goes either way
             self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+async def backend_waiting_on(pool: Any, text: str) -> int:
+    """The pid of the backend whose statement (containing `text`) waits on a lock."""
+    for _ in range(1_000):  # a bound on waiting for the call to reach the lock, not a timing assertion
+        pid = await pool.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND query LIKE $1", f"%{text}%")
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend waited on {text}")
 
 
 @pytest.fixture

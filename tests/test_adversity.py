@@ -14,17 +14,7 @@ from billing import ledger
 from billing.holds import durably
 from billing.verify import verify
 from tests.factories import make_account, request_id
-
-
-async def _backend_waiting_on(pool: asyncpg.Pool, text: str) -> int:
-    for _ in range(1_000):  # a bound on waiting for the call to reach the lock, not a timing assertion
-        pid = await pool.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            " AND query LIKE $1", f"%{text}%")
-        if pid is not None:
-            return int(pid)
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no backend waited on {text}")
+from tests.outage import backend_waiting_on
 
 
 async def test_a_settlement_whose_connection_dies_mid_call_is_retried_to_one_charge(pool: asyncpg.Pool) -> None:
@@ -36,7 +26,7 @@ async def test_a_settlement_whose_connection_dies_mid_call_is_retried_to_one_cha
         await transaction.start()
         await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account)
         settling = asyncio.ensure_future(durably(lambda: ledger.settle(pool, request_id=rid, actual_micros=1_234)))
-        victim = await _backend_waiting_on(pool, "meterline_settle")
+        victim = await backend_waiting_on(pool, "meterline_settle")
         assert await pool.fetchval("SELECT pg_terminate_backend($1)", victim) is True
         for _ in range(1_000):  # the first attempt is gone, uncommitted, before the lock is released
             if not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", victim):

@@ -32,6 +32,7 @@ from tests.chat_support import (
 )
 from tests.factories import make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
+from tests.outage import backend_waiting_on
 from tests.serving import meterline_serve, running
 
 FUNDS = 10_000_000
@@ -238,17 +239,6 @@ async def test_stream_with_zero_usage_bills_zero(
     assert tuple(await account_row(pool, account_id)) == (FUNDS, 0)
 
 
-async def _backend_waiting_on_a_lock(pool: asyncpg.Pool, text: str) -> int:
-    for _ in range(1_000):  # a bound on waiting for the settlement to reach the lock, not a timing assertion
-        pid = await pool.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            " AND query LIKE $1", f"%{text}%")
-        if pid is not None:
-            return int(pid)
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no backend waited on {text}")
-
-
 async def test_a_stream_killed_right_after_its_done_was_charged_first(
         pool: asyncpg.Pool, database_url: str, openrouter: FakeUpstream, openrouter_server: TestServer) -> None:
     """The usage chunk and [DONE] go out only once the charge has committed, so a gateway killed with SIGKILL
@@ -270,7 +260,7 @@ async def test_a_stream_killed_right_after_its_done_was_charged_first(
             await locked.start()
             await blocker.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account)
             openrouter.release.set()
-            await _backend_waiting_on_a_lock(pool, "meterline_settle")
+            await backend_waiting_on(pool, "meterline_settle")
             received = b""
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
