@@ -67,12 +67,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
         model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user))
     quote, _, output_tokens = await text.reserve(hold, quote)
-    headers: dict[str, str] = {}
-    if output_tokens < quote.max_output:
-        headers[REDUCED_HEADER] = str(output_tokens)
-    payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
-                            output_field=entry.output_limit_field)
-    try:
+    try:  # from here on the hold exists: every way out of this block ends it
+        headers: dict[str, str] = {}
+        if output_tokens < quote.max_output:
+            headers[REDUCED_HEADER] = str(output_tokens)
+        payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
+                                output_field=entry.output_limit_field)
         if chat.stream:
             return await _stream(request, hold, quote, chat, target, payload, headers)
         return await _complete(app, hold, quote, target, payload, headers)
