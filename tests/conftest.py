@@ -44,6 +44,9 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 
 def _docker_answers() -> bool:
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False  # no engine to ask (asking anyway leaves docker-py's failed socket to be reported at random)
+    client = None
     try:
         import docker
 
@@ -52,6 +55,9 @@ def _docker_answers() -> bool:
         return True
     except Exception:  # any failure means "no usable engine"; the embedded server is the fallback
         return False
+    finally:
+        if client is not None:
+            client.close()
 
 
 @pytest.fixture(scope="session")
