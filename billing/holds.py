@@ -104,12 +104,11 @@ class Claimed:
     """Images: one transaction per step, which also stores (on settle) or frees (on void) the call's claim on an
     Idempotency-Key, so a replay finds exactly the answer that was charged."""
 
-    void_without_hold = True
-
     def __init__(self, pool: asyncpg.Pool, ttl_seconds: float, claim: idempotency.Claim | None) -> None:
         self.pool = pool
         self.ttl_seconds = ttl_seconds
         self.claim = claim
+        self.void_without_hold = claim is not None  # a refused call still frees its claim
 
     async def reserve(self, hold: Hold, low: int, high: int) -> Reservation:
         return await ledger.reserve(self.pool, request_id=hold.request_id, account_id=hold.account_id,
@@ -264,6 +263,8 @@ class Hold:
         if self._resolving:
             return self.resolution
         self._resolving = True
+        if self.reservation is None and not self.steps.void_without_hold:
+            return None  # refused, or never reserved (an interrupted reservation is voided by `reserve` itself)
         task = self.tasks.drained(self._void(reason, outcome), f"void {self.request_id}")
         done, _ = await asyncio.wait({task}, timeout=self.void_wait_seconds)
         if done:
