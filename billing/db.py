@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -82,26 +83,38 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 class Health:
-    """Whether the database answered the last query, and one log line per change of that."""
+    """Whether the database answered the last query, and one log line per change of that. A failure within
+    RECOVERY_SETTLING_SECONDS of a recovery (a connection that died with the server failing its last query while
+    the pool reconnects) belongs to the outage just over: it is not announced as a new one."""
+
+    RECOVERY_SETTLING_SECONDS = 5.0
 
     def __init__(self, name: str = "database") -> None:
         self.name = name
         self.down_since: float | None = None  # monotonic time of the first failure of this outage
+        self._announced = False  # this outage was logged, so its end will be
+        self._recovered_at = -math.inf
 
     @property
     def available(self) -> bool:
         return self.down_since is None
 
     def failed(self, exc: BaseException) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        self._announced = self.down_since - self._recovered_at > self.RECOVERY_SETTLING_SECONDS
+        if self._announced:
             log.warning("%s unavailable (%s); database routes answer 503 and settlements are retried until it "
                         "answers", self.name, _reason(exc))
 
     def answered(self) -> None:
-        if self.down_since is not None:
-            log.info("%s available again after %.1fs", self.name, time.monotonic() - self.down_since)
-            self.down_since = None
+        if self.down_since is None:
+            return
+        self._recovered_at = time.monotonic()
+        if self._announced:
+            log.info("%s available again after %.1fs", self.name, self._recovered_at - self.down_since)
+        self.down_since = None
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from billing import db
 from billing.verify import verify
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -78,7 +79,8 @@ async def test_a_stopped_database_is_a_503_with_retry_after_and_service_resumes_
     assert await verify(outage_pool) == []
     said = [(r.levelname, re.sub(r" \(.*| after [0-9.]+s$", "", r.getMessage()))
             for r in caplog.records if r.name == "meterline.database"]
-    assert said == [("WARNING", "database unavailable"), ("INFO", "database available again")]  # once each
+    assert said == [("WARNING", "database unavailable"), ("INFO", "database available again")], [
+        r.getMessage() for r in caplog.records if r.name == "meterline.database"]  # once each
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
@@ -132,3 +134,21 @@ async def test_a_30_second_outage_loses_no_answered_call_and_doubles_none(
                                          account)
     assert balance == 10_000_000 - 8 * charge
     assert await verify(outage_pool) == []
+
+
+def test_a_failure_right_after_recovery_is_not_a_new_outage_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A connection that died with the server may fail its last query just after another query found the database
+    back: that is the same outage, not a new one (one line each way, however the recovery flickers)."""
+    caplog.set_level(logging.INFO)
+    health = db.Health()
+    health.failed(OSError("refused"))
+    health.answered()
+    health.failed(OSError("a connection that died with the server"))  # within the settling time
+    assert not health.available
+    health.answered()
+    assert health.available
+    health._recovered_at -= db.Health.RECOVERY_SETTLING_SECONDS + 1  # a later outage, past the settling time
+    health.failed(OSError("refused again"))
+    health.answered()
+    assert [r.getMessage().split(" (")[0].split(" after")[0] for r in caplog.records] == [
+        "database unavailable", "database available again", "database unavailable", "database available again"]
