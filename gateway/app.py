@@ -8,18 +8,30 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from billing import db, schema
+from billing import conversations, db, schema
 from billing.batcher import LedgerBatcher
 from billing.errors import DatabaseUnavailable
 from billing.holds import Holds
 from billing.keys import KeyStore, follow_key_changes
 from billing.tasks import TaskOwner
-from gateway import admin, auth, chat, consumer, images, media_poller, models_api, server, usage, videos
+from gateway import (
+    admin,
+    auth,
+    chat,
+    consumer,
+    conversations_api,
+    images,
+    media_poller,
+    models_api,
+    server,
+    usage,
+    videos,
+)
 from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
 from gateway.settings import Settings
-from gateway.tasks import start_sweeper
+from gateway.tasks import start_purger, start_sweeper
 
 # The group commit of holds and settlements (only the hold lifecycle, billing.holds, uses it).
 BATCHER = web.AppKey("batcher", LedgerBatcher)
@@ -36,6 +48,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         async with pool.acquire() as conn:
             await schema.migrate(conn)
+            await conversations.check_language(conn, settings.memory_language)
         app[POOL] = pool
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)
@@ -65,6 +78,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HOLDS] = Holds(app[POOL], app[BATCHER], tasks, ttl_seconds=settings.hold_ttl_seconds,
                        void_wait_seconds=settings.stream_settle_wait_seconds)
     start_sweeper(app)
+    start_purger(app)
     yield
     await tasks.close(grace_seconds=settings.shutdown_grace_seconds)
 
@@ -109,6 +123,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     consumer.add_routes(app)
     chat.add_routes(app)
+    conversations_api.add_routes(app)
     usage.add_routes(app)
     images.add_routes(app)
     videos.add_routes(app)

@@ -15,10 +15,11 @@ from aiohttp import web
 
 from billing import pricing, text, tokens
 from billing.catalog import CatalogEntry
+from billing.conversations import Context
 from billing.holds import Hold
 from billing.records import Outcome, RequestRecord
 from billing.text import HoldRules, TextQuote
-from gateway import models_api, upstream
+from gateway import chat_state, models_api, upstream
 from gateway.auth import requires_key
 from gateway.bodies import dry_run, read_json_object
 from gateway.chat_request import ChatRequest, parse_chat, upstream_body
@@ -43,29 +44,32 @@ def hold_rules(settings: Settings) -> HoldRules:
                      overhead_with_tools=settings.prompt_overhead_with_tools)
 
 
-async def _quote(chat: ChatRequest, entry: CatalogEntry, settings: Settings) -> TextQuote:
-    assert entry.prices is not None
-    rules = hold_rules(settings)
-    allowance = text.output_allowance(chat.max_output_tokens, entry.max_output_tokens, rules)
-    return await TextQuote.of(chat.prompt, entry.prices, max_output=allowance, n=chat.n, rules=rules)
-
-
 @requires_key
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     is_dry_run = dry_run(request.query)
     chat = parse_chat(await read_json_object(request), max_choices=settings.max_choices)
-    entry = await resolve_model(app, chat.model, modality="text")
-    quote = await _quote(chat, entry, settings)
     key = request[API_KEY]
+    entry = await resolve_model(app, chat.model, modality="text")
+    assert entry.prices is not None
+    rules = hold_rules(settings)
+    allowance = text.output_allowance(chat.max_output_tokens, entry.max_output_tokens, rules)
+    # A key with Detailed Logging replays its conversation and recalls memory: both are prompt from here on.
+    new_messages = chat.messages
+    context = await chat_state.context_for(app, key, chat, entry, output_allowance=allowance, rules=rules)
+    if context is not None:
+        chat = chat.with_messages(context.messages(new_messages))
+    quote = await TextQuote.of(chat.prompt, entry.prices, max_output=allowance, n=chat.n, rules=rules)
     if is_dry_run:
         quote, available = await text.dry_run(app[POOL], quote, account_id=key.account_id, key_id=key.id)
-        return json_response(quote.estimate.as_dict(model=entry.id, provider=entry.upstream,
-                                                    available_micros=available))
+        estimate = await chat_state.itemised(quote.estimate, entry.prices, context, rules)
+        return json_response(estimate.as_dict(model=entry.id, provider=entry.upstream, available_micros=available))
     target = upstream.upstream_named(app, entry.upstream)
+    steps = None if context is None else chat_state.steps(app, context, key, entry, new_messages)
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
-        model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user))
+        model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user),
+        steps=steps)
     quote, _, output_tokens = await text.reserve(hold, quote)
     try:  # from here on the hold exists: every way out of this block ends it
         headers: dict[str, str] = {}
@@ -74,8 +78,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
                                 output_field=entry.output_limit_field)
         if chat.stream:
-            return await _stream(request, hold, quote, chat, target, payload, headers)
-        return await _complete(app, hold, quote, target, payload, headers)
+            return await _stream(request, hold, quote, chat, target, payload, headers, entry, context)
+        return await _complete(app, hold, quote, target, payload, headers, entry, context)
     except asyncio.CancelledError:
         hold.void_soon("cancelled", Outcome(status="cancelled", error_code="CANCELLED"))
         raise
@@ -89,8 +93,18 @@ async def _failed(hold: Hold, exc: ApiError) -> None:
     await hold.void(exc.message, Outcome(status="upstream_failure", error_code=exc.code))
 
 
+def _answer_message(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """Choice 0's message, as a stored conversation keeps it."""
+    choices = answer.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0 and isinstance(choice.get("message"), dict):
+            return {"message": choice["message"]}
+    return None
+
+
 async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: upstream.Upstream,
-                    payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+                    payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
+                    context: Context | None) -> web.Response:
     try:
         async with upstream.request(app, target, "POST", "chat/completions", json_body=payload) as response:
             answer = await response.json()
@@ -102,30 +116,36 @@ async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: 
         raise
     raw_usage = answer.get("usage")
     usage = pricing.parse_usage(raw_usage)
+    stored = _answer_message(answer) if context is not None else None
     if usage is None or not isinstance(raw_usage, dict):
         # The answer was delivered but carries no usage: counting it (and a bounded prompt) can take a while, in a
         # thread. A task the app owns counts and settles, so a handler cancelled meanwhile cannot void the call.
         hold.hand_off()
-        usage = await app[TASKS].shielded(_settle_estimate(hold, quote, answer), f"settle {hold.request_id}")
+        usage = await app[TASKS].shielded(_settle_estimate(hold, quote, answer, stored),
+                                          f"settle {hold.request_id}")
         raw_usage = None
     cost = pricing.cost_micros(quote.prices, usage)
     if raw_usage is not None:
-        await hold.settle(cost, outcome=usage_outcome(usage, raw_usage))
+        await hold.settle(cost, outcome=usage_outcome(usage, raw_usage), response=stored)
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
+    answer.update(chat_state.context_fields(entry, usage, context))
     headers["X-Cost-Micros"] = str(cost)
     return json_response(answer, headers=headers)
 
 
-async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any]) -> pricing.Usage:
+async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any],
+                           stored: dict[str, Any] | None) -> pricing.Usage:
     """Charge a delivered answer that reported no usage: the prompt and the generated text, counted."""
     completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
     usage = pricing.Usage(prompt_tokens=await quote.prompt_tokens(), completion_tokens=completion)
-    await hold.settle(pricing.cost_micros(quote.prices, usage), estimated=True, outcome=usage_outcome(usage, None))
+    await hold.settle(pricing.cost_micros(quote.prices, usage), estimated=True, outcome=usage_outcome(usage, None),
+                      response=stored)
     return usage
 
 
 async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, target: upstream.Upstream,
-                  payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+                  payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
+                  context: Context | None) -> web.StreamResponse:
     app = request.app
     try:
         opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload,
@@ -135,7 +155,9 @@ async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: Chat
         raise
     relay = StreamRelay(opened, hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,
                         include_usage=chat.include_usage, drain_seconds=app[SETTINGS].drain_seconds,
-                        settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds)
+                        settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds,
+                        final_fields=lambda usage: chat_state.context_fields(entry, usage, context),
+                        keep_answer=context is not None)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:

@@ -17,6 +17,8 @@ both, the smaller is what it asked for; the other is not sent.
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +121,9 @@ _FORWARDED: dict[str, Callable[[str, Any], None]] = {
     "metadata": _object, "store": _boolean, "prompt_cache_key": _string, "safety_identifier": _string,
     "provider": _object, "transforms": _strings, "usage": _object,
 }
-_OWN = frozenset({"model", "messages", "stream", "stream_options", "n", "user", *OUTPUT_LIMITS})
+# Meterline's own fields (lumyx's stateful chat): consumed here, never forwarded.
+STATEFUL = ("conversation_id", "memory")
+_OWN = frozenset({"model", "messages", "stream", "stream_options", "n", "user", *OUTPUT_LIMITS, *STATEFUL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,12 @@ class ChatRequest:
     user: str | None
     forwarded: dict[str, Any]  # the other fields, validated, sent as they came
     prompt: tokens.Prompt  # every forwarded text the upstream may bill as input
+    conversation_id: uuid.UUID | None = None  # a stored conversation to continue
+    memory: bool = False  # recall from the key's earlier conversations, and learn from this one
+
+    def with_messages(self, messages: list[Any]) -> ChatRequest:
+        """This request sending `messages` instead (history and memory added), its prompt recomputed."""
+        return dataclasses.replace(self, messages=messages, prompt=tokens.Prompt.of(messages, self.forwarded or None))
 
 
 def _positive(body: dict[str, Any], name: str) -> int | None:
@@ -227,11 +237,30 @@ def parse_chat(body: dict[str, Any], *, max_choices: int) -> ChatRequest:
         if len(user) > MAX_USER_CHARS:
             raise invalid(f"user must be at most {MAX_USER_CHARS} characters", "user")
         forwarded["user"] = user
+    conversation_id, memory = _stateful(body)
     return ChatRequest(
         model=model.strip(), messages=messages, stream=stream, include_usage=include_usage,
         max_output_tokens=limits[limit_field] if limit_field else None, limit_field=limit_field, n=n, user=user,
         forwarded=forwarded, prompt=tokens.Prompt.of(messages, forwarded or None),
+        conversation_id=conversation_id, memory=memory,
     )
+
+
+def _stateful(body: dict[str, Any]) -> tuple[uuid.UUID | None, bool]:
+    raw = body.get("conversation_id")
+    conversation_id = None
+    if raw is not None:
+        try:
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            conversation_id = uuid.UUID(raw)
+        except ValueError:
+            raise invalid("conversation_id must be the UUID of a stored conversation", "conversation_id") from None
+    memory = body.get("memory")
+    if memory is None:
+        memory = False
+    _boolean("memory", memory)
+    return conversation_id, memory
 
 
 def upstream_body(chat: ChatRequest, *, model_id: str, output_tokens: int,

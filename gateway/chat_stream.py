@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ log = logging.getLogger("meterline.chat")
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
+# A chunk that finishes a choice (a finish_reason that is a string, not null).
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 
 
 def _payload(event: bytes) -> bytes:
@@ -57,7 +60,8 @@ def error_event(exc: ApiError) -> bytes:
 class StreamRelay:
     def __init__(self, opened: UpstreamResponse, *, hold: Hold, tasks: TaskOwner, prices: TokenPrices,
                  prompt_tokens: Callable[[], Awaitable[int]], include_usage: bool, drain_seconds: float,
-                 settle_wait_seconds: float) -> None:
+                 settle_wait_seconds: float, final_fields: Callable[[Usage | None], dict[str, Any]],
+                 keep_answer: bool = False) -> None:
         self.opened = opened
         self.reader = EventReader(opened)
         self.hold = hold
@@ -76,6 +80,15 @@ class StreamRelay:
         self.client_gone = False
         self.settling: asyncio.Task[None] | None = None  # the settlement, once started
         self.waited = False  # the stream has waited for its settlement's commit
+        # The fields the stream's last chunk carries (context_total and context_left, the conversation's), from
+        # the usage charged (None: not known yet).
+        self.final_fields = final_fields
+        self.charged_usage: Usage | None = None  # the usage the settlement charged, once known
+        self.keep_answer = keep_answer  # the settlement stores the answer as delivered (a stored conversation)
+        # A client that did not ask for the usage chunk gets the fields on the chunk that finishes the answer:
+        # that chunk waits here until the usage is known (the events between it and the usage are dropped).
+        self.finishing: bytes | None = None
+        self.sending: list[bytes] = []  # events about to be written once the settlement commits
 
     async def run(self, request: web.Request, response: web.StreamResponse) -> None:
         """Relay until the upstream ends or the client leaves. A client that leaves makes writes raise
@@ -83,6 +96,7 @@ class StreamRelay:
         reader = self.reader
         inspect = self._inspect
         delivered = self.delivered
+        hold_finish = not self.include_usage
         try:
             await response.prepare(request)
             while True:
@@ -91,23 +105,51 @@ class StreamRelay:
                 except UpstreamError as exc:
                     self.ended = True
                     self.failure = exc
+                    await self._send_finish(response, final=False)
                     await self._settled()
                     await response.write(error_event(exc))
                     return
                 if event is None:
                     self.ended = True
+                    self.sending = [self.finishing] if self.finishing is not None else []
                     await self._settled()
+                    await self._send_finish(response, final=True)
                     await response.write_eof()
                     return
                 out = inspect(event)
                 if self.settling is None and (self.usage is not None
                                               or (_DONE in event and _payload(event) == _DONE)):
-                    await self._settled()  # the usage chunk or [DONE] goes out once the charge is committed
+                    # The usage chunk or [DONE] goes out once the charge is committed.
+                    self.sending = [e for e in (self.finishing, out) if e is not None]
+                    await self._settled()
+                    await self._send_finish(response, final=True)
+                elif out is not None and self.finishing is not None:
+                    await self._send_finish(response, final=False)
                 if out is not None:
+                    if hold_finish and self.settling is None and _FINISHED.search(out) is not None:
+                        self.finishing = out
+                        continue
                     await response.write(out)
                     delivered.append(out)
         except ConnectionError:
             self.client_gone = True
+
+    async def _send_finish(self, response: web.StreamResponse, *, final: bool) -> None:
+        """Write the held finishing chunk: with the final fields when it is the stream's last one."""
+        event, self.finishing = self.finishing, None
+        if event is None:
+            return
+        if final:
+            event = self._with_final_fields(event)
+        await response.write(event)
+        self.delivered.append(event)
+
+    def _with_final_fields(self, event: bytes) -> bytes:
+        data = self._parse(event)
+        if not isinstance(data, dict):
+            return event
+        data.update(self.final_fields(self.charged_usage or self.usage))
+        return _encode(data)
 
     async def _settled(self) -> None:
         """Start the settlement (if not started) and wait for its commit, at most `settle_wait_seconds`."""
@@ -152,9 +194,12 @@ class StreamRelay:
             self.cost = pricing.cost_micros(self.prices, usage)
         if self.include_usage:
             data["usage"] = priced_usage(raw, self.cost or 0)
+            data.update(self.final_fields(self.usage))
             return _encode(data)
         if data.get("choices"):
             del data["usage"]
+            if self.finishing is None:  # no finishing chunk waits for the fields: this one is the last
+                data.update(self.final_fields(self.usage))
             return _encode(data)
         return None  # the usage-only chunk the client did not ask for
 
@@ -212,8 +257,10 @@ class StreamRelay:
         elif interrupted:
             status, code = "cancelled", "CLIENT_DISCONNECTED" if self.client_gone else "CANCELLED"
         if self.usage is not None and self.cost is not None:
+            self.charged_usage = self.usage
             await self.hold.settle(self.cost, outcome=usage_outcome(
-                self.usage, self.usage_raw, status=status, error_code=code, error_message=message))
+                self.usage, self.usage_raw, status=status, error_code=code, error_message=message),
+                response=self._answer())
             return
         texts = self.delivered_texts()
         if self.failure is not None and not any(texts):
@@ -223,16 +270,70 @@ class StreamRelay:
             return
         usage = Usage(prompt_tokens=await self.prompt_tokens(),
                       completion_tokens=await tokens.count_completion(texts))
+        self.charged_usage = usage
         await self.hold.settle(pricing.cost_micros(self.prices, usage), estimated=True, outcome=usage_outcome(
-            usage, None, status=status, error_code=code, error_message=message))
+            usage, None, status=status, error_code=code, error_message=message), response=self._answer())
+
+    def _answer(self) -> dict[str, Any] | None:
+        """The answer as the client received it (choice 0), for a stored conversation."""
+        if not self.keep_answer:
+            return None
+        return {"message": streamed_message(self._parsed(self.delivered + self.sending))}
 
     def reader_done(self) -> bool:
         return self.opened.raw.content.at_eof()
 
-    def delivered_texts(self) -> list[str]:
-        texts: list[str] = []
-        for event in self.delivered:
+    def _parsed(self, events: list[bytes]) -> list[dict[str, Any]]:
+        chunks: list[dict[str, Any]] = []
+        for event in events:
             data = self._parse(event) if event.startswith(_DATA) else None
             if isinstance(data, dict):
-                texts.extend(choice_texts(data.get("choices"), "delta"))
+                chunks.append(data)
+        return chunks
+
+    def delivered_texts(self) -> list[str]:
+        """The generated text the client received (or is about to, once the charge commits)."""
+        texts: list[str] = []
+        for data in self._parsed(self.delivered + self.sending):
+            texts.extend(choice_texts(data.get("choices"), "delta"))
         return texts
+
+
+def streamed_message(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Choice 0's message put back together from its stream deltas: content, reasoning, refusal and tool calls
+    (each call's name and arguments joined across chunks, by its index)."""
+    texts: dict[str, list[str]] = {"content": [], "reasoning": [], "refusal": []}
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                continue
+            for name, parts in texts.items():
+                if isinstance(value := delta.get(name), str):
+                    parts.append(value)
+            for call in delta.get("tool_calls") or []:
+                if not isinstance(call, dict):
+                    continue
+                index = call.get("index", 0)
+                merged = calls.setdefault(index if isinstance(index, int) else 0,
+                                          {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                for name in ("id", "type"):
+                    if isinstance(call.get(name), str):
+                        merged[name] = call[name]
+                function = call.get("function")
+                if isinstance(function, dict):
+                    for name in ("name", "arguments"):
+                        if isinstance(function.get(name), str):
+                            merged["function"][name] += function[name]
+    content = "".join(texts["content"]) if texts["content"] or not calls else None
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    for name in ("reasoning", "refusal"):
+        if texts[name]:
+            message[name] = "".join(texts[name])
+    return message

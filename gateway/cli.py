@@ -85,9 +85,17 @@ def cmd_accounts_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     row, secret = asyncio.run(
-        _with_db(settings, lambda conn: keys.create_key(conn, account_id=args.account, name=args.name))
+        _with_db(settings, lambda conn: keys.create_key(conn, account_id=args.account, name=args.name,
+                                                        detailed_logging=args.detailed_logging))
     )
     _print({**row, "key": secret})
+    return 0
+
+
+def cmd_keys_update(settings: Settings, args: argparse.Namespace) -> int:
+    row = asyncio.run(_with_db(settings, lambda conn: keys.set_detailed_logging(
+        conn, args.key, args.detailed_logging == "on")))
+    _print(row)
     return 0
 
 
@@ -183,7 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     kc = key.add_parser("create", help="mint an API key (the secret is printed once)")
     kc.add_argument("--account", required=True)
     kc.add_argument("--name", default=None)
+    kc.add_argument("--detailed-logging", action="store_true",
+                    help="store the key's chats as conversations (conversation_id, memory)")
     kc.set_defaults(func=cmd_keys_create)
+    ku = key.add_parser("update", help="change a key's settings")
+    ku.add_argument("key", help="the key's id (key_...)")
+    ku.add_argument("--detailed-logging", choices=("on", "off"), required=True,
+                    help="store the key's chats as conversations (conversation_id, memory), or stop storing them")
+    ku.set_defaults(func=cmd_keys_update)
 
     top = sub.add_parser("topup", help="credit an account")
     top.add_argument("--account", required=True)

@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     # At shutdown (SIGTERM, SIGINT), after in-flight requests end, how long the process waits for settlements
     # still in flight (streams being read for their usage, settlements retrying through an outage) to commit.
     shutdown_grace_seconds: float = Field(default=45.0, gt=0)
+    # Stored conversations and memory, for keys with detailed_logging on (issue 11; README, "Conversations").
+    # Conversations idle for longer than the retention are deleted, turns and memories with them (0: kept until
+    # deleted); every process purges every `conversation_purge_seconds`.
+    conversation_retention_days: int = Field(default=90, ge=0, le=36_500)
+    conversation_purge_seconds: float = Field(default=3600.0, gt=0)
+    # Recall: PostgreSQL's text search configuration (stemming and stop words), the most tokens of recalled memory
+    # one call may receive, and the most memories.
+    memory_language: str = Field(default="english", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.]+$")
+    memory_budget_tokens: int = Field(default=1000, ge=0, le=100_000)
+    memory_max_items: int = Field(default=8, ge=1, le=100)
     # Images and videos (issue 4).
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="Largest images/edits body")
     # An upload's parts (files and fields) and the size of each text field: more is a 400 naming the limit.

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from billing import ledger
+from billing import conversations, ledger
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 
@@ -41,3 +41,18 @@ async def sweep_expired_holds(app: web.Application) -> None:
 def start_sweeper(app: web.Application) -> None:
     app[TASKS].background(every(app[SETTINGS].sweep_interval_seconds, lambda: sweep_expired_holds(app),
                                 "hold sweep"), "hold-sweeper")
+
+
+async def purge_conversations(app: web.Application) -> None:
+    purged = await conversations.purge(app[POOL], retention_days=app[SETTINGS].conversation_retention_days)
+    if purged:
+        log.info("deleted %d conversations idle for more than %d days", purged,
+                 app[SETTINGS].conversation_retention_days)
+
+
+def start_purger(app: web.Application) -> None:
+    """Conversations past their retention are deleted in every process (SKIP LOCKED shares the work)."""
+    settings = app[SETTINGS]
+    if settings.conversation_retention_days > 0:
+        app[TASKS].background(every(settings.conversation_purge_seconds, lambda: purge_conversations(app),
+                                    "conversation purge"), "conversation-purger")

@@ -17,15 +17,17 @@ async def make_account(conn: Executor, *, balance_micros: int = 0, name: str = "
     return str(account["id"])
 
 
-async def make_key(conn: Executor, account_id: str, *, name: str | None = "test") -> str:
-    _, secret = await keys.create_key(conn, account_id=account_id, name=name)
+async def make_key(conn: Executor, account_id: str, *, name: str | None = "test",
+                   detailed_logging: bool = False) -> str:
+    _, secret = await keys.create_key(conn, account_id=account_id, name=name, detailed_logging=detailed_logging)
     return secret
 
 
-async def make_customer(conn: Executor, *, balance_micros: int = 0) -> tuple[str, str]:
+async def make_customer(conn: Executor, *, balance_micros: int = 0,
+                        detailed_logging: bool = False) -> tuple[str, str]:
     """An account with `balance_micros` and a key for it: (account_id, secret)."""
     account_id = await make_account(conn, balance_micros=balance_micros)
-    return account_id, await make_key(conn, account_id)
+    return account_id, await make_key(conn, account_id, detailed_logging=detailed_logging)
 
 
 def request_id() -> str:

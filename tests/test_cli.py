@@ -58,6 +58,21 @@ async def test_admin_mirrors_print_json_and_topup_is_idempotent(pool: asyncpg.Po
     assert await pool.fetchval("SELECT count(*) FROM transfers") == 1
 
 
+async def test_keys_are_created_with_and_switched_to_detailed_logging(pool: asyncpg.Pool, database_url: str) -> None:
+    account = json.loads(meterline("accounts", "create", "--name", "Acme", database_url=database_url).stdout)
+    plain = json.loads(meterline("keys", "create", "--account", account["id"], database_url=database_url).stdout)
+    logged = json.loads(meterline("keys", "create", "--account", account["id"], "--detailed-logging",
+                                  database_url=database_url).stdout)
+    assert (plain["detailed_logging"], logged["detailed_logging"]) == (False, True)
+    switched = json.loads(meterline("keys", "update", plain["id"], "--detailed-logging", "on",
+                                    database_url=database_url).stdout)
+    assert switched["detailed_logging"] is True and "key" not in switched
+    assert await pool.fetchval("SELECT bool_and(detailed_logging) FROM api_keys") is True
+    missing = meterline("keys", "update", "key_nope", "--detailed-logging", "off", database_url=database_url,
+                        check=False)
+    assert missing.returncode != 0 and "key_nope" in missing.stderr
+
+
 async def test_cli_errors_exit_non_zero_with_a_message(pool: asyncpg.Pool, database_url: str) -> None:
     bad = meterline("topup", "--account", "acct_x", "--amount-usd", "1.0000001", "--idempotency-key", "k",
                     database_url=database_url, check=False)

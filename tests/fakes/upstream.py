@@ -5,9 +5,9 @@ in USD), `status` (an error status chat answers with), `delay` (seconds before a
 chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connection after N chunks),
 `error_after` (send an SSE error event after N chunks), `hold_answers` (a non-streaming answer waits for
 `release`), `hold_after` (after N chunks wait until `release` is set), `hold_usage` (wait for `usage_release`
-before the usage chunk), `extra_message` / `extra_chunk` / `extra_top` / `usage_extra` (unknown fields it answers
-with), and `models` (the `GET /models` list) or `models_status`. It counts calls and records every request's JSON
-body and headers.
+before the usage chunk), `reply` (the answer's text for a request), `extra_message` / `extra_chunk` /
+`extra_top` / `usage_extra` (unknown fields it answers with), and `models` (the `GET /models` list) or
+`models_status`. It counts calls and records every request's JSON body and headers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,12 @@ def openrouter_model(model_id: str, *, prompt: str, completion: str, cache_read:
     }
 
 
+def _piece(text: str, index: int, pieces: int) -> str:
+    """The index-th of `pieces` consecutive slices of `text` (together, all of it)."""
+    size = -(-len(text) // pieces)
+    return text[index * size:(index + 1) * size]
+
+
 @dataclass
 class FakeUpstream:
     usage: str = "present"  # present | absent | zero
@@ -56,6 +63,8 @@ class FakeUpstream:
     hold_answers: bool = False  # a non-streaming call waits for `release` before it answers
     hold_usage: bool = False
     extra_message: dict[str, Any] = field(default_factory=dict)
+    # The answer's text for a request body (streamed in `chunks` pieces); None: CONTENT_PIECE per chunk.
+    reply: Callable[[dict[str, Any]], str] | None = None
     extra_chunk: dict[str, Any] = field(default_factory=dict)
     extra_top: dict[str, Any] = field(default_factory=dict)
     usage_extra: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +119,8 @@ class FakeUpstream:
                                      status=self.status)
         if body.get("stream"):
             return await self._stream(request, body)
-        message = {"role": "assistant", "content": CONTENT_PIECE * self.chunks, **self.extra_message}
+        content = self.reply(body) if self.reply is not None else CONTENT_PIECE * self.chunks
+        message = {"role": "assistant", "content": content, **self.extra_message}
         answer: dict[str, Any] = {
             "id": "gen-fake-1", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model"), "provider": "FakeProvider",
@@ -146,7 +156,8 @@ class FakeUpstream:
                 await self.release.wait()
             if index and self.chunk_pause:
                 await asyncio.sleep(self.chunk_pause)
-            delta = {"role": "assistant", "content": CONTENT_PIECE} if index == 0 else {"content": CONTENT_PIECE}
+            piece = CONTENT_PIECE if self.reply is None else _piece(self.reply(body), index, self.chunks)
+            delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
             last = index == self.chunks - 1
             await response.write(self._chunk(body, delta, "stop" if last else None))
         if self.hold_after == self.chunks:
