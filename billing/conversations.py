@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,8 @@ from billing.holds import Hold
 from billing.ledger import Reservation, Resolution
 from billing.pricing import Component, Estimate, TokenPrices
 from billing.text import BYTES_PER_TOKEN_FLOOR, HoldRules
+
+log = logging.getLogger("meterline.conversations")
 
 INSTRUCTION_ROLES = frozenset({"system", "developer"})
 # A memory keeps the user's words and the answer, each cut at this many characters.
@@ -349,10 +352,15 @@ class Conversing:
             resolution = await ledger.settle(conn, request_id=hold.request_id, actual_micros=actual_micros,
                                              estimated=estimated, record=record)
             if turns is not None and not resolution.replayed:
-                await conn.execute(
-                    "SELECT meterline_converse($1, $2, $3, $4, $5, $6, $7, $8, $9::regconfig)",
-                    self.context.conversation_id, self.account_id, self.key_id, self.context.new, self.model,
-                    hold.request_id, turns, memory, self.language)
+                try:
+                    async with conn.transaction():  # a savepoint: storing can never cost the charge
+                        await conn.execute(
+                            "SELECT meterline_converse($1, $2, $3, $4, $5, $6, $7, $8, $9::regconfig)",
+                            self.context.conversation_id, self.account_id, self.key_id, self.context.new,
+                            self.model, hold.request_id, turns, memory, self.language)
+                except asyncpg.PostgresError:
+                    log.exception("storing the exchange of %s in conversation %s failed; the call is charged "
+                                  "without it", hold.request_id, self.context.conversation_id)
             return resolution
 
     async def _exchange(self, request_id: str, answer: dict[str, Any]) -> tuple[list[dict[str, Any]],

@@ -408,3 +408,22 @@ async def test_conversations_idle_past_the_retention_are_purged_with_their_memor
     assert await conversations.purge(pool, retention_days=90) == 1
     assert [str(r["id"]) for r in await pool.fetch("SELECT id FROM conversations")] == [fresh]
     assert [str(r["conversation_id"]) for r in await pool.fetch("SELECT conversation_id FROM memories")] == [fresh]
+
+
+async def test_an_exchange_postgresql_refuses_to_store_never_costs_the_charge(
+        chat_client: TestClient, pool: asyncpg.Pool, sdk_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS, detailed_logging=True)
+    await pool.execute("""
+        CREATE FUNCTION test_refuse_turns() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'turns refused for this test'; END $$;
+        CREATE TRIGGER test_refuse_turns BEFORE INSERT ON conversation_turns
+            FOR EACH ROW EXECUTE FUNCTION test_refuse_turns();""")
+    try:
+        answer = await ask(sdk_factory(secret), "store me", memory=True)
+    finally:
+        await pool.execute("DROP TRIGGER test_refuse_turns ON conversation_turns; DROP FUNCTION test_refuse_turns()")
+    assert answer.usage.cost_micros == cost(12, 5)  # type: ignore[attr-defined]
+    assert (await account_row(pool, account_id))["balance"] == FUNDS - cost(12, 5)
+    for table in ("conversations", "conversation_turns", "memories"):  # all of the exchange, or none of it
+        assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+    assert "charged without it" in caplog.text
