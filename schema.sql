@@ -666,19 +666,26 @@ END $$;
 
 -- Recall: this key's memories that share a word with p_text, most relevant first (ts_rank_cd, normalised by
 -- document length so long answers do not win on length alone; newer first among equals), leaving out the
--- conversation the call continues (its turns are replayed as history already).
+-- conversation the call continues (its turns are replayed as history already). The query is built once, then
+-- used as a constant (a subquery would be flattened and rebuild it for every memory).
 CREATE OR REPLACE FUNCTION meterline_recall(
     p_account_id text, p_key_id text, p_exclude uuid, p_language regconfig, p_text text, p_limit integer
 ) RETURNS TABLE (id uuid, conversation_id uuid, content text, tokens integer, rank real, created_at timestamptz)
-LANGUAGE sql STABLE AS $$
-    SELECT m.id, m.conversation_id, m.content, m.tokens, ts_rank_cd(m.search, q.query, 1), m.created_at
-      FROM (SELECT meterline_any_word(p_language, p_text) AS query) q
-      JOIN memories m ON m.search @@ q.query
-     WHERE m.key_id = p_key_id AND m.account_id = p_account_id
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_query tsquery := meterline_any_word(p_language, p_text);
+BEGIN
+    IF v_query IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT m.id, m.conversation_id, m.content, m.tokens, ts_rank_cd(m.search, v_query, 1), m.created_at
+      FROM memories m
+     WHERE m.search @@ v_query AND m.key_id = p_key_id AND m.account_id = p_account_id
        AND m.conversation_id IS DISTINCT FROM p_exclude
      ORDER BY 5 DESC, m.created_at DESC, m.id
      LIMIT p_limit;
-$$;
+END $$;
 
 -- Retention: delete up to p_limit conversations idle for p_days (their turns and memories go with them).
 -- SKIP LOCKED: several gateway processes purge at once without waiting on each other or on an append.
