@@ -502,10 +502,10 @@ async def purge(conn: Executor, *, retention_days: int, batch: int = 500) -> int
             return total
 
 
-async def check_language(conn: Executor, language: str) -> None:
-    """Fail at start on a text search configuration PostgreSQL does not have (raises ValueError)."""
+async def has_language(conn: Executor, language: str) -> bool:
+    """Whether PostgreSQL has this text search configuration (for `memory_language`)."""
     try:
         await conn.fetchval("SELECT $1::regconfig", language)
     except (asyncpg.UndefinedObjectError, asyncpg.InvalidNameError, asyncpg.SyntaxOrAccessError):
-        raise ValueError(f"memory_language {language!r} is not a text search configuration of this database"
-                         " (see SELECT cfgname FROM pg_ts_config)") from None
+        return False
+    return True

@@ -30,7 +30,7 @@ from gateway import (
 from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.tasks import start_purger, start_sweeper
 
 # The group commit of holds and settlements (only the hold lifecycle, billing.holds, uses it).
@@ -48,7 +48,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         async with pool.acquire() as conn:
             await schema.migrate(conn)
-            await conversations.check_language(conn, settings.memory_language)
+            if not await conversations.has_language(conn, settings.memory_language):
+                raise SettingsError(f"invalid setting memory_language: {settings.memory_language!r} is not a text "
+                                    "search configuration of this database (SELECT cfgname FROM pg_ts_config)")
         app[POOL] = pool
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)

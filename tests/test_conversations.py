@@ -427,3 +427,13 @@ async def test_an_exchange_postgresql_refuses_to_store_never_costs_the_charge(
     for table in ("conversations", "conversation_turns", "memories"):  # all of the exchange, or none of it
         assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 0
     assert "charged without it" in caplog.text
+
+
+async def test_a_memory_language_postgresql_does_not_have_stops_the_start_naming_the_setting(
+        aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool) -> None:
+    from gateway.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="invalid setting memory_language: 'klingon'"):
+        await aiohttp_client(create_app(settings.model_copy(update={"memory_language": "klingon"})))
+    client: TestClient = await aiohttp_client(create_app(settings.model_copy(update={"memory_language": "simple"})))
+    assert (await client.get("/readyz")).status == 200
