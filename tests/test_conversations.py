@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import openai
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from billing.catalog_config import TextModelConfig
@@ -433,7 +434,11 @@ async def test_a_memory_language_postgresql_does_not_have_stops_the_start_naming
         aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool) -> None:
     from gateway.settings import SettingsError
 
-    with pytest.raises(SettingsError, match="invalid setting memory_language: 'klingon'"):
-        await aiohttp_client(create_app(settings.model_copy(update={"memory_language": "klingon"})))
+    runner = web.AppRunner(create_app(settings.model_copy(update={"memory_language": "klingon"})))
+    try:
+        with pytest.raises(SettingsError, match="invalid setting memory_language: 'klingon'"):
+            await runner.setup()
+    finally:
+        await runner.cleanup()
     client: TestClient = await aiohttp_client(create_app(settings.model_copy(update={"memory_language": "simple"})))
     assert (await client.get("/readyz")).status == 200
