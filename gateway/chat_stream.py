@@ -86,7 +86,7 @@ class StreamRelay:
         self.charged_usage: Usage | None = None  # the usage the settlement charged, once known
         self.keep_answer = keep_answer  # the settlement stores the answer as delivered (a stored conversation)
         # A client that did not ask for the usage chunk gets the fields on the chunk that finishes the answer:
-        # that chunk waits here until the usage is known (the events between it and the usage are dropped).
+        # that chunk waits here until the usage is known (an event arriving first sends it on as it is).
         self.finishing: bytes | None = None
         self.sending: list[bytes] = []  # events about to be written once the settlement commits
 
