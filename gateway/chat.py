@@ -21,6 +21,7 @@ from billing.text import HoldRules, TextQuote
 from gateway import models_api, upstream
 from gateway.auth import requires_key
 from gateway.bodies import dry_run, read_json_object
+from gateway.chat_answer import AnswerEdits
 from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_outcome
@@ -71,11 +72,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers: dict[str, str] = {}
         if output_tokens < quote.max_output:
             headers[REDUCED_HEADER] = str(output_tokens)
-        payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
+        payload = upstream_body(chat, model_id=entry.forwarded_id, output_tokens=output_tokens,
                                 output_field=entry.output_limit_field)
         if chat.stream:
-            return await _stream(request, hold, quote, chat, target, payload, headers)
-        return await _complete(app, hold, quote, target, payload, headers)
+            return await _stream(request, hold, quote, chat, target, payload, headers, AnswerEdits(entry))
+        return await _complete(app, hold, quote, target, payload, headers, AnswerEdits(entry))
     except asyncio.CancelledError:
         hold.void_soon("cancelled", Outcome(status="cancelled", error_code="CANCELLED"))
         raise
@@ -90,7 +91,7 @@ async def _failed(hold: Hold, exc: ApiError) -> None:
 
 
 async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: upstream.Upstream,
-                    payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+                    payload: dict[str, Any], headers: dict[str, str], edits: AnswerEdits) -> web.Response:
     try:
         async with upstream.request(app, target, "POST", "chat/completions", json_body=payload) as response:
             answer = await response.json()
@@ -113,7 +114,7 @@ async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: 
         await hold.settle(cost, outcome=usage_outcome(usage, raw_usage))
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
     headers["X-Cost-Micros"] = str(cost)
-    return json_response(answer, headers=headers)
+    return json_response(edits.answer(answer), headers=headers)
 
 
 async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any]) -> pricing.Usage:
@@ -125,7 +126,7 @@ async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any])
 
 
 async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, target: upstream.Upstream,
-                  payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+                  payload: dict[str, Any], headers: dict[str, str], edits: AnswerEdits) -> web.StreamResponse:
     app = request.app
     try:
         opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload,
@@ -135,7 +136,7 @@ async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: Chat
         raise
     relay = StreamRelay(opened, hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,
                         include_usage=chat.include_usage, drain_seconds=app[SETTINGS].drain_seconds,
-                        settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds)
+                        settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds, edit=edits.event)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:

@@ -6,8 +6,9 @@ chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connecti
 `error_after` (send an SSE error event after N chunks), `hold_answers` (a non-streaming answer waits for
 `release`), `hold_after` (after N chunks wait until `release` is set), `hold_usage` (wait for `usage_release`
 before the usage chunk), `extra_message` / `extra_chunk` / `extra_top` / `usage_extra` (unknown fields it answers
-with), and `models` (the `GET /models` list) or `models_status`. It counts calls and records every request's JSON
-body and headers.
+with), `answer_model` (the model its answers name; default the one asked for), `compact` (stream chunks written as
+compact JSON, as OpenRouter writes them, rather than with Python's `", "` and `": "`), and `models` (the
+`GET /models` list) or `models_status`. It counts calls and records every request's JSON body and headers.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class FakeUpstream:
     extra_chunk: dict[str, Any] = field(default_factory=dict)
     extra_top: dict[str, Any] = field(default_factory=dict)
     usage_extra: dict[str, Any] = field(default_factory=dict)
+    answer_model: str | None = None
+    compact: bool = False
     models: list[dict[str, Any]] = field(default_factory=list)
     models_status: int | None = None
     calls: Counter[str] = field(default_factory=Counter)
@@ -113,7 +116,7 @@ class FakeUpstream:
         message = {"role": "assistant", "content": CONTENT_PIECE * self.chunks, **self.extra_message}
         answer: dict[str, Any] = {
             "id": "gen-fake-1", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"), "provider": "FakeProvider",
+            "model": self.answer_model or body.get("model"), "provider": "FakeProvider",
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             **self.extra_top,
         }
@@ -124,9 +127,13 @@ class FakeUpstream:
 
     def _chunk(self, body: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
         chunk = {"id": "gen-fake-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                 "model": body.get("model"), "provider": "FakeProvider",
+                 "model": self.answer_model or body.get("model"), "provider": "FakeProvider",
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **self.extra_chunk}
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return self._event(chunk)
+
+    def _event(self, data: dict[str, Any]) -> bytes:
+        text = json.dumps(data, separators=(",", ":")) if self.compact else json.dumps(data)
+        return b"data: " + text.encode() + b"\n\n"
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -157,8 +164,8 @@ class FakeUpstream:
         include = (body.get("stream_options") or {}).get("include_usage")
         if include and self.usage != "absent":
             usage_chunk = {"id": "gen-fake-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                           "model": body.get("model"), "choices": [], "usage": self.usage_body()}
-            await response.write(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+                           "model": self.answer_model or body.get("model"), "choices": [], "usage": self.usage_body()}
+            await response.write(self._event(usage_chunk))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.finished += 1
