@@ -1,25 +1,29 @@
 """Model aliases: a configured id (`nova_1_1` in config/meterline.toml) naming an upstream model, forwarded under
 the upstream's id, answered under the alias (non-streaming and in every stream chunk), billed at the alias's own
-prices to the micro, and listed in GET models under its own id."""
+prices to the micro, and listed in GET models under its own id. Image and video models can be aliases too."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
 import asyncpg
+import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from billing import pricing
-from billing.catalog_config import TextModelConfig
+from billing.catalog_config import ImageModelConfig, TextModelConfig, VideoModelConfig
 from gateway.app import create_app
 from gateway.models_api import FIRST_LOAD
 from gateway.settings import Settings
 from tests.chat_support import MESSAGES, MODEL, account_row, cost, held_prompt, point_at, request_record, settled
 from tests.factories import make_customer
+from tests.fakes.media_upstream import UPSTREAM_KEY as MEDIA_KEY
+from tests.fakes.media_upstream import MediaUpstream, media_settings, tiny_png
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream, openrouter_model
 
 FUNDS = 10_000_000
@@ -157,3 +161,70 @@ async def test_an_alias_of_a_remote_model_is_billed_at_its_own_prices_not_the_re
     assert charges == [7_900, 1_320]
     assert [body["model"] for body in openrouter.bodies] == ["acme/tiny", "acme/tiny"]
     assert (await account_row(pool, account_id))["balance"] == FUNDS - 7_900 - 1_320
+
+
+# Media aliases of the shipped media models, at prices of their own.
+MEDIA_ALIASES = {
+    "pixel-1": ImageModelConfig(modality="image", upstream="media", upstream_model="gemini-3-pro-image",
+                                per_image_micros=90_000, sizes=["1024x1024"]),
+    "clip-1": VideoModelConfig(modality="video", upstream="media", upstream_model="sora-2", per_second_micros=50_000,
+                               sizes=["1280x720"], seconds=[4, 8]),
+}
+
+
+@pytest.fixture
+async def media_api(aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, server: TestServer,
+                    monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setenv("MEDIA_API_KEY", MEDIA_KEY)
+    client: TestClient = await aiohttp_client(create_app(media_settings(
+        settings, server, models={**settings.models, **MEDIA_ALIASES}, video_poll_seconds=3600.0)))
+    return client
+
+
+async def test_an_aliased_image_model_is_forwarded_as_its_upstream_and_answered_and_billed_as_itself(
+    media_api: TestClient, pool: asyncpg.Pool, fake: MediaUpstream
+) -> None:
+    fake.echo_model = True
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    sdk = openai.AsyncOpenAI(base_url=str(media_api.make_url("/v1")), api_key=secret, max_retries=0)
+    try:
+        generated = await sdk.images.generate(model="pixel-1", prompt="a lighthouse", n=2)
+        edited = await sdk.images.edit(model="pixel-1", prompt="make it snow",
+                                       image=("lighthouse.png", tiny_png(), "image/png"))
+    finally:
+        await sdk.close()
+    # Generations send JSON, edits multipart: both reach the upstream under its own id.
+    assert [body["model"] for body in fake.bodies] == ["gemini-3-pro-image", "gemini-3-pro-image"]
+    assert (generated.to_dict()["model"], edited.to_dict()["model"]) == ("pixel-1", "pixel-1")
+    costs = [(answer.model_extra or {})["metadata"]["cost_micros"] for answer in (generated, edited)]
+    assert costs == [2 * 90_000, 90_000]
+    assert tuple(await account_row(pool, account_id)) == (FUNDS - 3 * 90_000, 0)
+    rows = await pool.fetch("SELECT model, upstream, cost_micros FROM requests ORDER BY cost_micros DESC")
+    assert [tuple(row) for row in rows] == [("pixel-1", "media", 180_000), ("pixel-1", "media", 90_000)]
+
+
+async def test_an_aliased_video_model_is_started_as_its_upstream_and_answered_and_billed_as_itself(
+    media_api: TestClient, pool: asyncpg.Pool, fake: MediaUpstream
+) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    sdk = openai.AsyncOpenAI(base_url=str(media_api.make_url("/v1")), api_key=secret, max_retries=0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks its Sora calls deprecated
+            multipart = await sdk.videos.create(model="clip-1", prompt="a capybara", seconds="8", size="1280x720",
+                                                input_reference=("ref.png", tiny_png(), "image/png"))
+    finally:
+        await sdk.close()
+    resp = await media_api.post("/v1/videos", headers=auth(secret),
+                                json={"model": "clip-1", "prompt": "a capybara", "seconds": "4"})
+    assert resp.status == 202
+    plain = await resp.json()
+    assert [body["model"] for body in fake.bodies] == ["sora-2", "sora-2"]
+    assert (multipart.model, plain["model"]) == ("clip-1", "clip-1")
+    assert tuple(await account_row(pool, account_id)) == (FUNDS, 8 * 50_000 + 4 * 50_000)
+    for _ in range(2):  # in_progress, then completed: settled at the alias's price
+        polled = await (await media_api.get(f"/v1/videos/{plain['id']}", headers=auth(secret))).json()
+    assert (polled["status"], polled["model"], polled["metadata"]["cost_micros"]) == ("completed", "clip-1", 200_000)
+    assert tuple(await account_row(pool, account_id)) == (FUNDS - 200_000, 8 * 50_000)
+    record = await pool.fetchrow("SELECT model, upstream, cost_micros FROM requests")
+    assert tuple(record) == ("clip-1", "media", 200_000)
