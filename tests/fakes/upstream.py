@@ -5,10 +5,11 @@ in USD), `status` (an error status chat answers with), `delay` (seconds before a
 chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connection after N chunks),
 `error_after` (send an SSE error event after N chunks), `hold_answers` (a non-streaming answer waits for
 `release`), `hold_after` (after N chunks wait until `release` is set), `hold_usage` (wait for `usage_release`
-before the usage chunk), `extra_message` / `extra_chunk` / `extra_top` / `usage_extra` (unknown fields it answers
-with), `answer_model` (the model its answers name; default the one asked for), `compact` (stream chunks written as
-compact JSON, as OpenRouter writes them, rather than with Python's `", "` and `": "`), and `models` (the
-`GET /models` list) or `models_status`. It counts calls and records every request's JSON body and headers.
+before the usage chunk), `extra_message` / `extra_delta` / `extra_chunk` / `extra_top` / `usage_extra` (fields it
+answers with, in the message, every content delta, every chunk, the answer and the usage), `answer_model` (the
+model its answers name; default the one asked for), `compact` (stream chunks written as compact JSON, as OpenRouter
+writes them, rather than with Python's `", "` and `": "`), and `models` (the `GET /models` list) or
+`models_status`. It counts calls and records every request's JSON body and headers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FakeUpstream:
     hold_answers: bool = False  # a non-streaming call waits for `release` before it answers
     hold_usage: bool = False
     extra_message: dict[str, Any] = field(default_factory=dict)
+    extra_delta: dict[str, Any] = field(default_factory=dict)
     extra_chunk: dict[str, Any] = field(default_factory=dict)
     extra_top: dict[str, Any] = field(default_factory=dict)
     usage_extra: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +156,7 @@ class FakeUpstream:
             if index and self.chunk_pause:
                 await asyncio.sleep(self.chunk_pause)
             delta = {"role": "assistant", "content": CONTENT_PIECE} if index == 0 else {"content": CONTENT_PIECE}
+            delta.update(self.extra_delta)
             last = index == self.chunks - 1
             await response.write(self._chunk(body, delta, "stop" if last else None))
         if self.hold_after == self.chunks:
