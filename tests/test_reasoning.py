@@ -1,5 +1,6 @@
 """Reasoning, lumyx-compatible: an upstream's `reasoning` text also reaches the client as `reasoning_content`
-(in answers and in stream deltas), `reasoning_details` passes untouched, and the text is charged once."""
+(in answers and in stream deltas), `reasoning_details` passes untouched, and the text is charged once; the
+deprecated `reasoning_effort` is accepted and sent as `reasoning.effort`, and held for as what is sent."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from billing import tokens
-from tests.chat_support import MESSAGES, MODEL, account_row, cost, settled
+from tests.chat_support import MESSAGES, MODEL, account_row, cost, held_prompt, settled
 from tests.factories import make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
 
@@ -114,3 +115,53 @@ async def test_a_stream_without_usage_charges_its_reasoning_once(
     charge = cost(tokens.count_prompt_sync(MESSAGES), completion)
     assert hold["actual_micros"] == charge
     assert await pool.fetchval("SELECT estimated FROM transfers WHERE kind = 'charge'") is True
+
+
+async def test_reasoning_effort_reaches_the_upstream_as_reasoning_effort_inside_reasoning(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, sdk_factory: Any
+) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=FUNDS)
+    await sdk_factory(secret).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100,
+                                                      reasoning_effort="high")
+    assert openrouter.bodies == [{"model": MODEL, "messages": MESSAGES, "reasoning": {"effort": "high"},
+                                  "max_tokens": 100}]
+    hold = await pool.fetchrow("SELECT amount_micros, actual_micros FROM holds WHERE account_id = $1", account_id)
+    assert tuple(hold) == (cost(held_prompt(MESSAGES, {"reasoning": {"effort": "high"}}), 100), cost(12, 5))
+
+
+@pytest.mark.parametrize(("given", "sent"), [
+    ({"reasoning_effort": "minimal"}, {"reasoning": {"effort": "minimal"}}),
+    ({"reasoning_effort": "low", "reasoning": {"max_tokens": 50}}, {"reasoning": {"max_tokens": 50, "effort": "low"}}),
+    ({"reasoning_effort": "low", "reasoning": {"effort": "xhigh"}}, {"reasoning": {"effort": "xhigh"}}),
+    ({"reasoning_effort": "none", "reasoning": {"effort": None, "exclude": True}},
+     {"reasoning": {"effort": "none", "exclude": True}}),
+    ({"reasoning_effort": None, "reasoning": {"enabled": True}}, {"reasoning": {"enabled": True}}),
+], ids=["effort-alone", "beside-a-budget", "explicit-effort-wins", "null-effort-filled", "null-not-sent"])
+async def test_reasoning_effort_is_merged_into_reasoning_and_held_as_sent(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, given: dict[str, Any],
+    sent: dict[str, Any]
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
+                                  json={"model": MODEL, "messages": MESSAGES, "max_tokens": 100, **given})
+    assert resp.status == 200, await resp.text()
+    assert openrouter.bodies == [{"model": MODEL, "messages": MESSAGES, **sent, "max_tokens": 100}]
+    hold = await pool.fetchval("SELECT amount_micros FROM holds")
+    assert hold == cost(held_prompt(MESSAGES, sent), 100)
+
+
+@pytest.mark.parametrize("value", ["extreme", "HIGH", "", 3, True, ["high"], {"effort": "high"}],
+                         ids=["unknown", "upper-case", "empty", "number", "boolean", "array", "object"])
+async def test_a_bad_reasoning_effort_is_a_400_naming_it_and_reaches_nothing(
+    chat_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream, value: Any
+) -> None:
+    _, secret = await make_customer(pool, balance_micros=FUNDS)
+    resp = await chat_client.post("/v1/chat/completions", headers=auth(secret),
+                                  json={"model": MODEL, "messages": MESSAGES, "reasoning_effort": value})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"], error["message"]) == (
+        "INVALID_REQUEST", "reasoning_effort",
+        "reasoning_effort must be one of xhigh, high, medium, low, minimal, none")
+    assert openrouter.calls["chat"] == 0
+    assert await pool.fetchval("SELECT count(*) FROM holds") == 0
