@@ -24,10 +24,11 @@ from typing import Any
 from billing.catalog import CatalogEntry
 from gateway.render import dumps
 
-# A `model` key and its JSON string value. Neither pattern can match inside a string (the content of an answer,
-# say): there every quote is written `\"`, so no quote follows a word directly.
+# Keys found in the raw bytes of a chunk. Neither pattern can match inside a JSON string (the content of an
+# answer, say): there every quote is written `\"`, so no quote follows a word directly.
+# A `model` key and its string value:
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
-# A `reasoning` key with a string value (never `reasoning_details`, nor a null).
+# A `reasoning` key with a string value (never `reasoning_details`, nor a null):
 _REASONING_TEXT = re.compile(rb'"reasoning"\s*:\s*"')
 _DATA = b"data:"
 

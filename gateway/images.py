@@ -189,7 +189,7 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
         extra: dict[str, Any] = metadata if isinstance(metadata, dict) else {}
         delivered = {**answer, "data": images, "metadata": {**extra, "cost_micros": charge,
                                                             "cost": usd_number(charge), "request_id": hold.request_id}}
-        if aliased and "model" in answer:  # an upstream that names its model names the one it was sent
+        if aliased and "model" in answer:  # the upstream names the id it was sent; the client asked for the alias
             delivered["model"] = model
         await hold.settle(charge, outcome=Outcome(quantity=len(images)), response=delivered)
     except UpstreamError as exc:
