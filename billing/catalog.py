@@ -6,7 +6,8 @@ text model at the upstream's price times (1 + markup), converted exactly. A mode
 not in the catalog, so it is never forwarded. If a refresh fails, the last good remote catalog keeps serving
 and `status()` says so.
 
-The `openrouter/` prefix is optional: `openrouter/x` resolves to `x` at the same price.
+The `openrouter/` prefix is optional: `openrouter/x` resolves to `x` at the same price. A local entry may be an
+alias (`upstream_model`): it keeps its own id and prices, whatever the remote catalog says of the upstream's id.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class CatalogEntry:
     config: ModelConfig | None = None  # local entries
     display_name: str | None = None
     created: int = 0
+    upstream_model: str | None = None  # an alias's upstream id (see ModelConfig.upstream_model)
+
+    @property
+    def forwarded_id(self) -> str:
+        """The model id the upstream is sent: the upstream's own for an alias, else this entry's."""
+        return self.upstream_model or self.id
 
     def pricing(self) -> dict[str, Any]:
         """Integer micros for display; a remote price that is not a whole micro per mtok is shown rounded
@@ -59,8 +66,9 @@ class CatalogEntry:
         return self.config.pricing()
 
     def as_model(self) -> dict[str, Any]:
-        """OpenAI's model object, plus Meterline's prices and limits."""
-        return {
+        """OpenAI's model object, plus Meterline's prices and limits (and, for an alias, the upstream's id: it is
+        the model the answers come from, which is no secret)."""
+        model: dict[str, Any] = {
             "id": self.id,
             "object": "model",
             "created": self.created,
@@ -71,6 +79,9 @@ class CatalogEntry:
             "context_length": self.context_length,
             "max_output_tokens": self.max_output_tokens,
         }
+        if self.upstream_model is not None:
+            model["upstream_model"] = self.upstream_model
+        return model
 
 
 def _owner(model_id: str) -> str:
@@ -88,11 +99,12 @@ def local_entry(model_id: str, config: ModelConfig, *, text_upstream: str) -> Ca
                                None if cached is None else Fraction(cached)),
             context_length=config.context_length, max_output_tokens=config.max_output_tokens,
             output_limit_field=config.output_limit_field,
-            config=config, display_name=config.display_name,
+            config=config, display_name=config.display_name, upstream_model=config.upstream_model,
         )
     return CatalogEntry(
         id=model_id, modality=config.modality, upstream=config.upstream or DEFAULT_MEDIA_UPSTREAM,
         source="local", owned_by=_owner(model_id), config=config, display_name=config.display_name,
+        upstream_model=config.upstream_model,
     )
 
 

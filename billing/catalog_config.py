@@ -2,6 +2,8 @@
 
 Prices are integer micros: per million tokens for text, per image for images, per second for video. Entries are
 told apart by `modality` (default "text"). Each type can describe its own prices for `GET models`.
+
+Any entry can be an alias (`upstream_model`): its own id, prices and limits, forwarded under the upstream's id.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     upstream: str | None = Field(default=None, description="Upstream name; default: openrouter (text), media")
+    # The upstream's id for the model when this entry's id is an alias of it: the call is forwarded under it, and
+    # priced, limited, listed and recorded under the entry's own id.
+    upstream_model: str | None = Field(default=None, min_length=1)
     display_name: str | None = None
 
 

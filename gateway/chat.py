@@ -22,6 +22,7 @@ from billing.text import HoldRules, TextQuote
 from gateway import chat_state, models_api, upstream
 from gateway.auth import requires_key
 from gateway.bodies import dry_run, read_json_object
+from gateway.chat_answer import AnswerEdits
 from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_outcome
@@ -75,7 +76,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers: dict[str, str] = {}
         if output_tokens < quote.max_output:
             headers[REDUCED_HEADER] = str(output_tokens)
-        payload = upstream_body(chat, model_id=entry.id, output_tokens=output_tokens,
+        payload = upstream_body(chat, model_id=entry.forwarded_id, output_tokens=output_tokens,
                                 output_field=entry.output_limit_field)
         if chat.stream:
             return await _stream(request, hold, quote, chat, target, payload, headers, entry, context)
@@ -105,6 +106,7 @@ def _answer_message(answer: dict[str, Any]) -> dict[str, Any] | None:
 async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: upstream.Upstream,
                     payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
                     context: Context | None) -> web.Response:
+    edits = AnswerEdits(entry)
     try:
         async with upstream.request(app, target, "POST", "chat/completions", json_body=payload) as response:
             answer = await response.json()
@@ -130,7 +132,7 @@ async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: 
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
     answer.update(chat_state.context_fields(entry, usage, context))
     headers["X-Cost-Micros"] = str(cost)
-    return json_response(answer, headers=headers)
+    return json_response(edits.answer(answer), headers=headers)
 
 
 async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any],
@@ -146,6 +148,7 @@ async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any],
 async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, target: upstream.Upstream,
                   payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
                   context: Context | None) -> web.StreamResponse:
+    edits = AnswerEdits(entry)
     app = request.app
     try:
         opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload,
@@ -157,7 +160,7 @@ async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: Chat
                         include_usage=chat.include_usage, drain_seconds=app[SETTINGS].drain_seconds,
                         settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds,
                         final_fields=lambda usage: chat_state.context_fields(entry, usage, context),
-                        keep_answer=context is not None)
+                        keep_answer=context is not None, edit=edits.event)
     response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:

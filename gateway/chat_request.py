@@ -5,7 +5,9 @@ Each top-level field is one of:
 - priced: `messages` and every other forwarded field carry text the upstream may bill as input, and all of it is
   in the prompt the hold is estimated on (tokens.Prompt); the output limit and `n` size the output allowance;
 - forwarded as sent after a type check: sampling and routing options that cannot raise what a call costs
-  (`temperature`, `stop`, `seed`, `reasoning`, `provider`, ...); their text is counted into the prompt all the same;
+  (`temperature`, `stop`, `seed`, `reasoning`, `provider`, ...); their text is counted into the prompt all the same.
+  The deprecated `reasoning_effort` is sent as `reasoning.effort` (as lumyx converts it), unless `reasoning` gives
+  an effort of its own;
 - refused with a 400 naming it: cost drivers Meterline does not price (`models` fallback lists, `route`,
   `plugins`, `web_search_options`, audio output, a `service_tier` other than auto/default), and any field it does
   not know, as OpenAI refuses an unrecognised argument.
@@ -31,6 +33,8 @@ MAX_USER_CHARS = 256
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Content parts Meterline prices: text, and images (held at tokens.IMAGE_PART_TOKENS each).
 PART_TYPES = frozenset({"text", "image_url", "refusal"})
+# The reasoning efforts `reasoning_effort` may name (those of OpenRouter's `reasoning.effort`).
+EFFORTS = ("xhigh", "high", "medium", "low", "minimal", "none")
 
 # The reason each unpriced cost driver is refused.
 REFUSED = {
@@ -95,6 +99,11 @@ def _reasoning(name: str, value: Any) -> None:
         _integer(f"{name}.max_tokens", budget)
 
 
+def _effort(name: str, value: Any) -> None:
+    if not isinstance(value, str) or value not in EFFORTS:
+        raise invalid(f"{name} must be one of {', '.join(EFFORTS)}", name)
+
+
 def _array(name: str, value: Any) -> None:
     if not isinstance(value, list):
         raise invalid(f"{name} must be an array", name)
@@ -115,7 +124,7 @@ _FORWARDED: dict[str, Callable[[str, Any], None]] = {
     "temperature": _number, "top_p": _number, "top_k": _number, "min_p": _number, "top_a": _number,
     "frequency_penalty": _number, "presence_penalty": _number, "repetition_penalty": _number, "seed": _integer,
     "stop": _stop, "logit_bias": _object, "logprobs": _boolean, "top_logprobs": _integer,
-    "parallel_tool_calls": _boolean, "reasoning_effort": _string, "verbosity": _string, "reasoning": _reasoning,
+    "parallel_tool_calls": _boolean, "reasoning_effort": _effort, "verbosity": _string, "reasoning": _reasoning,
     "modalities": _modalities, "service_tier": _tier,
     # bookkeeping and routing that do not change the price a call is charged at
     "metadata": _object, "store": _boolean, "prompt_cache_key": _string, "safety_identifier": _string,
@@ -201,6 +210,15 @@ def _stream_options(body: dict[str, Any], stream: bool) -> bool:
     return bool(options.get("include_usage", False))
 
 
+def _effort_as_reasoning(forwarded: dict[str, Any]) -> None:
+    """Move the deprecated `reasoning_effort` into `reasoning.effort`, where an effort `reasoning` already gives
+    wins; `reasoning_effort` itself is not sent."""
+    effort = forwarded.pop("reasoning_effort", None)
+    reasoning = forwarded.get("reasoning") or {}
+    if effort is not None and reasoning.get("effort") is None:
+        forwarded["reasoning"] = {**reasoning, "effort": effort}
+
+
 def parse_chat(body: dict[str, Any], *, max_choices: int) -> ChatRequest:
     """Validate `body`; raises a 400 ApiError naming the first bad field."""
     forwarded: dict[str, Any] = {}
@@ -215,6 +233,7 @@ def parse_chat(body: dict[str, Any], *, max_choices: int) -> ChatRequest:
         if value is not None:
             check(name, value)
             forwarded[name] = value
+    _effort_as_reasoning(forwarded)
     model = body.get("model")
     if model is None:
         raise invalid("model is required", "model")

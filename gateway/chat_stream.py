@@ -8,9 +8,10 @@ During a database outage the relay waits for the commit at most `settle_wait_sec
 while the settlement goes on retrying.
 
 Hot path: an event the gateway does not change is written as the same bytes it arrived in; only the usage chunk
-(and an error event) is parsed. If the client leaves, the relay stops writing and `finish` keeps reading the
-upstream until its usage arrives (at most `drain_seconds`) so the charge is exact; without usage, the charge is
-the prompt plus the text actually delivered, counted with tiktoken and flagged as estimated.
+(and an error event) is parsed, and `edit` (gateway.chat_answer) picks out with byte tests the few events it
+changes. If the client leaves, the relay stops writing and `finish` keeps reading the upstream until its usage
+arrives (at most `drain_seconds`) so the charge is exact; without usage, the charge is the prompt plus the text
+actually delivered, counted with tiktoken and flagged as estimated.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class StreamRelay:
     def __init__(self, opened: UpstreamResponse, *, hold: Hold, tasks: TaskOwner, prices: TokenPrices,
                  prompt_tokens: Callable[[], Awaitable[int]], include_usage: bool, drain_seconds: float,
                  settle_wait_seconds: float, final_fields: Callable[[Usage | None], dict[str, Any]],
-                 keep_answer: bool = False) -> None:
+                 edit: Callable[[bytes], bytes], keep_answer: bool = False) -> None:
         self.opened = opened
         self.reader = EventReader(opened)
         self.hold = hold
@@ -71,6 +72,7 @@ class StreamRelay:
         self.include_usage = include_usage
         self.drain_seconds = drain_seconds
         self.settle_wait_seconds = settle_wait_seconds
+        self.edit = edit  # what the client is shown of a data event (AnswerEdits.event)
         self.delivered: list[bytes] = []  # events written to the client, for an estimate if usage never comes
         self.usage_raw: dict[str, Any] | None = None
         self.usage: Usage | None = None
@@ -168,6 +170,7 @@ class StreamRelay:
         few events that need parsing."""
         if not event.startswith(_DATA):
             return event  # comments (OpenRouter's keep-alives) and other fields pass as they are
+        event = self.edit(event)
         if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
             return self._usage_event(event)
         if b'"error"' in event:

@@ -46,7 +46,11 @@ def text_fields(message: Any) -> list[str]:
     """Generated text in a message or a stream delta: content, reasoning, tool-call names and arguments."""
     if not isinstance(message, dict):
         return []
-    texts = [v for k in ("content", "reasoning", "reasoning_content") if isinstance(v := message.get(k), str)]
+    texts = [v for k in ("content", "reasoning") if isinstance(v := message.get(k), str)]
+    # `reasoning_content` is the same text under its older name (gateway.chat_answer adds it beside `reasoning`):
+    # counted only when it comes alone, as DeepSeek sends it.
+    if not isinstance(message.get("reasoning"), str) and isinstance(legacy := message.get("reasoning_content"), str):
+        texts.append(legacy)
     calls = message.get("tool_calls")
     if isinstance(calls, list):
         for call in calls:

@@ -6,7 +6,8 @@ fields, with what was priced stated explicitly → settle on the images returned
 are neither delivered nor billed), or void on any failure.
 
 Fields outside the ones below are refused with a 400 naming them, as OpenAI refuses an unrecognised argument:
-they would reach the upstream unpriced.
+they would reach the upstream unpriced. An alias (`upstream_model`) is forwarded under the upstream's id; its
+answer names the alias.
 """
 
 from __future__ import annotations
@@ -103,14 +104,15 @@ async def generations(request: web.Request) -> web.Response:
     upstream = media.media_upstream(request, entry)
     if dry:
         return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
-    outgoing = {**_priced(model, prompt, quote), **options}
+    outgoing = {**_priced(media.forwarded_model(model, entry), prompt, quote), **options}
 
     async def send(up: Upstream) -> Any:
         async with upstream_request(request.app, up, "POST", "images/generations", json_body=outgoing) as resp:
             return await resp.json()
 
     fingerprint = ledger.request_fingerprint("images/generations", body)
-    return await _billed(request, model=model, quote=quote, upstream=upstream, fingerprint=fingerprint, send=send)
+    return await _billed(request, model=model, quote=quote, upstream=upstream, fingerprint=fingerprint, send=send,
+                         aliased=entry.upstream_model is not None)
 
 
 @requires_key
@@ -131,10 +133,12 @@ async def edits(request: web.Request) -> web.Response:
         upstream = media.media_upstream(request, entry)
         if dry:
             return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
-        fields = [(name, str(value)) for name, value in {**_priced(model, prompt, quote), **options}.items()]
+        priced = _priced(media.forwarded_model(model, entry), prompt, quote)
+        fields = [(name, str(value)) for name, value in {**priced, **options}.items()]
         return await _billed(request, model=model, quote=quote, upstream=upstream,
                              fingerprint=ledger.request_fingerprint("images/edits", form.digest.hex()),
-                             send=lambda up: _send_form(request, up, form, fields))
+                             send=lambda up: _send_form(request, up, form, fields),
+                             aliased=entry.upstream_model is not None)
     finally:
         form.close()
 
@@ -157,7 +161,7 @@ def _delivered(answer: Any, quote: ImageQuote) -> tuple[dict[str, Any], list[Any
 
 
 async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstream: Upstream,
-                  fingerprint: bytes, send: Send) -> web.Response:
+                  fingerprint: bytes, send: Send, aliased: bool) -> web.Response:
     """Hold, forward, settle (or void), under the Idempotency-Key when one was sent."""
     app = request.app
     key = request[API_KEY]
@@ -185,6 +189,8 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
         extra: dict[str, Any] = metadata if isinstance(metadata, dict) else {}
         delivered = {**answer, "data": images, "metadata": {**extra, "cost_micros": charge,
                                                             "cost": usd_number(charge), "request_id": hold.request_id}}
+        if aliased and "model" in answer:  # the upstream names the id it was sent; the client asked for the alias
+            delivered["model"] = model
         await hold.settle(charge, outcome=Outcome(quantity=len(images)), response=delivered)
     except UpstreamError as exc:
         failure, outcome = exc.message, Outcome(status="upstream_failure", error_code=exc.code)

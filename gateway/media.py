@@ -1,5 +1,5 @@
 """What the image and video routes share at the HTTP edge: the `dryRun` and `Idempotency-Key` inputs,
-resolving a media model to its catalog entry and upstream, and rendering an estimate."""
+resolving a media model to its catalog entry, upstream and the id the upstream is sent, and rendering an estimate."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ def media_entry(request: web.Request, model: object, kind: type[E]) -> tuple[str
         article = "an image" if kind is ImageModelConfig else "a video"
         raise invalid(f"The model {model!r} is not {article} model", "model")
     return model, entry
+
+
+def forwarded_model(model: str, entry: ImageModelConfig | VideoModelConfig) -> str:
+    """The model id the upstream is sent: the upstream's own for an alias (`upstream_model`), else `model`. The
+    client's answer, its charge and its request record name `model` all the same."""
+    return entry.upstream_model or model
 
 
 def upload_limits(request: web.Request) -> Limits:

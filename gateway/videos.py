@@ -3,7 +3,8 @@ videos/{id}/content streamed from the upstream.
 
 Creation holds seconds times the per-second price together with storing the job (and its Idempotency-Key),
 then asks the upstream to start it. The hold lives longer than the maximum job time; the job settles when the
-upstream reports it completed and is voided when it fails or runs too long (see gateway.media_poller).
+upstream reports it completed and is voided when it fails or runs too long (see gateway.media_poller). An alias
+(`upstream_model`) is started under the upstream's id; the job, its record and the video object name the alias.
 """
 
 from __future__ import annotations
@@ -117,14 +118,14 @@ async def create(request: web.Request) -> web.Response:
         if dry:
             return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
         return await _create(request, body=body, form=form, fingerprint=fingerprint, model=model, prompt=prompt,
-                             quote=quote, upstream=upstream)
+                             quote=quote, upstream=upstream, forwarded=media.forwarded_model(model, entry))
     finally:
         if form is not None:
             form.close()
 
 
 async def _create(request: web.Request, *, body: dict[str, Any], form: Form | None, fingerprint: bytes,
-                  model: str, prompt: str, quote: VideoQuote, upstream: Upstream) -> web.Response:
+                  model: str, prompt: str, quote: VideoQuote, upstream: Upstream, forwarded: str) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     key = request[API_KEY]
@@ -152,7 +153,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     started: dict[str, Any] | None = None
     failure: UpstreamError | None = None
     try:
-        answer = await _send(request, upstream, body, form, quote)
+        answer = await _send(request, upstream, forwarded, body, form, quote)
         upstream_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(upstream_id, str) or not upstream_id:
             raise UpstreamError(502, "UPSTREAM_ERROR", "The upstream accepted the video without an id",
@@ -180,11 +181,11 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     return json_response(render(request, started or steps.job), status=202)
 
 
-async def _send(request: web.Request, upstream: Upstream, body: dict[str, Any], form: Form | None,
+async def _send(request: web.Request, upstream: Upstream, model: str, body: dict[str, Any], form: Form | None,
                 quote: VideoQuote) -> Any:
-    """Start the job upstream with a body rebuilt from the validated fields: what was priced (size, seconds) is
-    sent explicitly, and the reference image (when uploaded) as it came."""
-    outgoing = {"model": body["model"], "prompt": body["prompt"], "size": quote.size, "seconds": str(quote.seconds)}
+    """Start the job upstream with a body rebuilt from the validated fields: the model id the upstream knows it by,
+    what was priced (size, seconds) explicitly, and the reference image (when uploaded) as it came."""
+    outgoing = {"model": model, "prompt": body["prompt"], "size": quote.size, "seconds": str(quote.seconds)}
     if form is None:
         async with upstream_request(request.app, upstream, "POST", "videos", json_body=outgoing) as resp:
             return await resp.json()

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from pydantic import ValidationError
 
 from billing.catalog import Catalog, CatalogError
 from billing.catalog_config import ImageModelConfig, TextModelConfig
@@ -97,6 +98,37 @@ def test_a_catalog_never_loaded_serves_local_models_only() -> None:
     assert c.status()["status"] == "local_only"
     assert c.get("google/gemini-3-flash-preview") is not None
     assert c.get("acme/tiny") is None
+
+
+def test_an_alias_keeps_its_own_id_prices_and_limits_and_forwards_the_upstreams_id() -> None:
+    """`house/tiny` is an alias of `acme/tiny`, which the remote catalog prices: each keeps its own price."""
+    alias = TextModelConfig(upstream_model="acme/tiny", input_per_mtok_micros=700_000,
+                            output_per_mtok_micros=2_000_000, context_length=32_000, max_output_tokens=4_000)
+    image = ImageModelConfig(modality="image", per_image_micros=50_000, sizes=["1024x1024"], upstream_model="pixel-1")
+    c = Catalog({**LOCAL, "house/tiny": alias, "house/pixel": image}, text_upstream="openrouter",
+                markup=Decimal("0.05"))
+    c.load_remote({"data": REMOTE})
+    entry = c.get("openrouter/house/tiny")
+    assert entry is not None and entry.prices is not None
+    assert (entry.id, entry.forwarded_id, entry.upstream, entry.source) == (
+        "house/tiny", "acme/tiny", "openrouter", "local")
+    assert (entry.prices.input, entry.prices.output, entry.context_length, entry.max_output_tokens) == (
+        700_000, 2_000_000, 32_000, 4_000)
+    assert entry.as_model()["upstream_model"] == "acme/tiny"
+    remote = c.get("acme/tiny")
+    assert remote is not None and remote.prices is not None
+    assert (remote.forwarded_id, remote.prices.input) == ("acme/tiny", Fraction("123456.7") * Fraction(105, 100))
+    assert "upstream_model" not in remote.as_model()
+    pixel = c.get("house/pixel")
+    assert pixel is not None
+    assert (pixel.forwarded_id, pixel.pricing()["per_image_micros"]) == ("pixel-1", 50_000)
+
+
+def test_an_alias_must_name_its_upstream_model() -> None:
+    with pytest.raises(ValidationError) as caught:
+        TextModelConfig(upstream_model="", input_per_mtok_micros=1, output_per_mtok_micros=1, context_length=1,
+                        max_output_tokens=1)
+    assert [error["loc"] for error in caught.value.errors()] == [("upstream_model",)]
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ BODIES = st.fixed_dictionaries(
         "temperature": st.floats(0, 2), "seed": st.integers(0, 2**31),
         "reasoning": st.fixed_dictionaries({"effort": st.sampled_from(["low", "high"])},
                                            optional={"max_tokens": _LIMIT}),
+        "reasoning_effort": st.sampled_from(["xhigh", "minimal", "none"]),  # sent as reasoning.effort
         "x_unknown": _TEXT, "logit_bias_typo": st.just({"50256": -100}),
     },
 )

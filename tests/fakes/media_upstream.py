@@ -3,7 +3,8 @@
 Knobs: `images_returned` (how many images a call returns; None = as many as asked), `status` (an error
 status every POST answers with), `delay` (before an image generation answers), `progression` (the statuses a
 video reports on its 1st, 2nd, … poll; the last one sticks), `created_status` (a new video's status in the answer
-to its creation), `content` (the bytes a completed video serves).
+to its creation), `content` (the bytes a completed video serves), `echo_model` (image answers name the model they
+were asked for, as some providers' do).
 It counts calls, and records bodies, headers and the multipart parts it received, so tests can state exactly
 what reached it.
 """
@@ -43,6 +44,7 @@ class MediaUpstream:
     progression: list[str] = field(default_factory=lambda: ["in_progress", "completed"])
     created_status: str = "queued"  # what a new video's status is in the answer to its creation
     content: bytes = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64
+    echo_model: bool = False
     calls: Counter[str] = field(default_factory=Counter)
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -68,17 +70,18 @@ class MediaUpstream:
             return web.json_response({"error": error}, status=self.status)
         return None
 
-    def _images(self, asked: int) -> web.Response:
+    def _images(self, asked: int, model: object) -> web.Response:
         count = asked if self.images_returned is None else self.images_returned
         data = [{"b64_json": base64.b64encode(f"image {i}".encode()).decode()} for i in range(count)]
-        return web.json_response({"created": 1_700_000_000, "data": data, "vendor_extra": {"kept": True}})
+        answer = {"created": 1_700_000_000, "data": data, "vendor_extra": {"kept": True}}
+        return web.json_response({**answer, "model": model} if self.echo_model else answer)
 
     async def generations(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
         failed = self._seen(request, "generations")
         await asyncio.sleep(self.delay)
-        return failed or self._images(int(body.get("n", 1)))
+        return failed or self._images(int(body.get("n", 1)), body.get("model"))
 
     async def _read_parts(self, request: web.Request) -> tuple[list[Part], dict[str, str]]:
         parts: list[Part] = []
@@ -99,7 +102,7 @@ class MediaUpstream:
         _, fields = await self._read_parts(request)
         self.bodies.append(fields)
         failed = self._seen(request, "edits")
-        return failed or self._images(int(fields.get("n", "1")))
+        return failed or self._images(int(fields.get("n", "1")), fields.get("model"))
 
     async def create_video(self, request: web.Request) -> web.Response:
         if request.content_type.startswith("multipart/"):

@@ -5,8 +5,11 @@ in USD), `status` (an error status chat answers with), `delay` (seconds before a
 chunks streamed) with `chunk_pause` between them, `drop_after` (cut the connection after N chunks),
 `error_after` (send an SSE error event after N chunks), `hold_answers` (a non-streaming answer waits for
 `release`), `hold_after` (after N chunks wait until `release` is set), `hold_usage` (wait for `usage_release`
-before the usage chunk), `reply` (the answer's text for a request), `extra_message` / `extra_chunk` /
-`extra_top` / `usage_extra` (unknown fields it answers with), and `models` (the `GET /models` list) or
+before the usage chunk), `reply` (the answer's text for a request), `extra_message` / `extra_delta` /
+`extra_chunk` / `extra_top` / `usage_extra` (fields it answers with, in the message, every content delta, every
+chunk, the answer and the usage), `answer_model` (the
+model its answers name; default the one asked for), `compact` (stream chunks written as compact JSON, as OpenRouter
+writes them, rather than with Python's `", "` and `": "`), and `models` (the `GET /models` list) or
 `models_status`. It counts calls and records every request's JSON body and headers.
 """
 
@@ -65,9 +68,12 @@ class FakeUpstream:
     extra_message: dict[str, Any] = field(default_factory=dict)
     # The answer's text for a request body (streamed in `chunks` pieces); None: CONTENT_PIECE per chunk.
     reply: Callable[[dict[str, Any]], str] | None = None
+    extra_delta: dict[str, Any] = field(default_factory=dict)
     extra_chunk: dict[str, Any] = field(default_factory=dict)
     extra_top: dict[str, Any] = field(default_factory=dict)
     usage_extra: dict[str, Any] = field(default_factory=dict)
+    answer_model: str | None = None
+    compact: bool = False
     models: list[dict[str, Any]] = field(default_factory=list)
     models_status: int | None = None
     calls: Counter[str] = field(default_factory=Counter)
@@ -123,7 +129,7 @@ class FakeUpstream:
         message = {"role": "assistant", "content": content, **self.extra_message}
         answer: dict[str, Any] = {
             "id": "gen-fake-1", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"), "provider": "FakeProvider",
+            "model": self.answer_model or body.get("model"), "provider": "FakeProvider",
             "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             **self.extra_top,
         }
@@ -134,9 +140,13 @@ class FakeUpstream:
 
     def _chunk(self, body: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
         chunk = {"id": "gen-fake-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                 "model": body.get("model"), "provider": "FakeProvider",
+                 "model": self.answer_model or body.get("model"), "provider": "FakeProvider",
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **self.extra_chunk}
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        return self._event(chunk)
+
+    def _event(self, data: dict[str, Any]) -> bytes:
+        text = json.dumps(data, separators=(",", ":")) if self.compact else json.dumps(data)
+        return b"data: " + text.encode() + b"\n\n"
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -158,6 +168,7 @@ class FakeUpstream:
                 await asyncio.sleep(self.chunk_pause)
             piece = CONTENT_PIECE if self.reply is None else _piece(self.reply(body), index, self.chunks)
             delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
+            delta.update(self.extra_delta)
             last = index == self.chunks - 1
             await response.write(self._chunk(body, delta, "stop" if last else None))
         if self.hold_after == self.chunks:
@@ -168,8 +179,8 @@ class FakeUpstream:
         include = (body.get("stream_options") or {}).get("include_usage")
         if include and self.usage != "absent":
             usage_chunk = {"id": "gen-fake-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                           "model": body.get("model"), "choices": [], "usage": self.usage_body()}
-            await response.write(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+                           "model": self.answer_model or body.get("model"), "choices": [], "usage": self.usage_body()}
+            await response.write(self._event(usage_chunk))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.finished += 1
