@@ -26,26 +26,24 @@ recalls the key's memories that share a word (stemmed, stop words left out) with
 ts_rank_cd normalised by length, newest first among equals, leaving out its own conversation, and keeps them in
 that order while they fit `memory_budget_tokens` (at most `memory_max_items`). Nothing of another key or account is
 ever read.
+
+Reading, deleting and purging what is stored is billing.conversation_store's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from billing import ledger, pricing, tokens
-from billing.batcher import LedgerBatcher
 from billing.db import Executor
 from billing.errors import BillingError
-from billing.holds import Hold
+from billing.holds import Batched, Hold
 from billing.ledger import Reservation, Resolution
 from billing.pricing import Component, Estimate, TokenPrices
 from billing.text import BYTES_PER_TOKEN_FLOOR, HoldRules
@@ -66,14 +64,6 @@ _MEMORY_HEADER = ("Memory: exchanges recalled from this user's earlier conversat
 
 class ConversationNotFound(BillingError):
     """No conversation with this id belongs to the calling key."""
-
-
-class MemoryNotFound(BillingError):
-    """No memory with this id belongs to the calling key."""
-
-
-class InvalidCursor(BillingError):
-    """A cursor that no page of this API produced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,11 +315,10 @@ class Conversing:
 
     void_without_hold = False
 
-    def __init__(self, pool: asyncpg.Pool, batcher: LedgerBatcher, ttl_seconds: float, context: Context, *,
-                 account_id: str, key_id: str, model: str, new_messages: list[Any], language: str) -> None:
-        self.pool = pool
-        self.batcher = batcher
-        self.ttl_seconds = ttl_seconds
+    def __init__(self, batched: Batched, context: Context, *, account_id: str, key_id: str, model: str,
+                 new_messages: list[Any], language: str) -> None:
+        self.batched = batched  # holds and voids are any chat call's
+        self.pool = batched.pool
         self.context = context
         self.account_id = account_id
         self.key_id = key_id
@@ -338,9 +327,7 @@ class Conversing:
         self.language = language
 
     async def reserve(self, hold: Hold, low: int, high: int) -> Reservation:
-        return await self.batcher.reserve(request_id=hold.request_id, account_id=hold.account_id,
-                                          amount_micros=high, min_micros=low, ttl_seconds=self.ttl_seconds,
-                                          key_id=hold.key_id)
+        return await self.batched.reserve(hold, low, high)
 
     async def settle(self, hold: Hold, actual_micros: int, estimated: bool, record: dict[str, Any],
                      response: dict[str, Any] | None) -> Resolution:
@@ -377,129 +364,7 @@ class Conversing:
         return turns, memory
 
     async def void(self, hold: Hold, reason: str, record: dict[str, Any]) -> Resolution:
-        return await ledger.void(self.pool, request_id=hold.request_id, reason=reason, record=record)
-
-
-# Reading and deleting, for the consumer and admin APIs.
-
-_CONVERSATION_COLUMNS = "c.id, c.account_id, c.key_id, c.model, c.turns, c.exchanges, c.created_at, c.updated_at"
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    items: list[dict[str, Any]]
-    next_cursor: str | None
-
-
-def _encode_cursor(created_at: datetime, item_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{item_id}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, sep, item_id = raw.partition("|")
-        if not sep:
-            raise ValueError(cursor)
-        return datetime.fromisoformat(at).astimezone(UTC), uuid.UUID(item_id)
-    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
-        raise InvalidCursor("cursor must be a next_cursor value from a previous page") from None
-
-
-def _where(alias: str, account_id: str | None, key_id: str | None, first: int = 1) -> tuple[list[str], list[Any]]:
-    """Conditions on the owner (only fixed text is interpolated; the values are parameters from `$first`)."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    for column, value in (("account_id", account_id), ("key_id", key_id)):
-        if value is not None:
-            args.append(value)
-            clauses.append(f"{alias}.{column} = ${first + len(args) - 1}")
-    return clauses, args
-
-
-async def list_conversations(conn: Executor, *, account_id: str | None, key_id: str | None, limit: int,
-                             cursor: str | None = None) -> Page:
-    """Conversations newest first (by creation, so pages stay stable while conversations grow)."""
-    clauses, args = _where("c", account_id, key_id)
-    if cursor is not None:
-        at, after = _decode_cursor(cursor)
-        args += [at, after]
-        clauses.append(f"(c.created_at, c.id) < (${len(args) - 1}, ${len(args)})")
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = await conn.fetch(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c {where}"
-                            f" ORDER BY c.created_at DESC, c.id DESC LIMIT ${len(args) + 1}", *args, limit + 1)
-    items = [dict(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return Page(items, _encode_cursor(items[-1]["created_at"], items[-1]["id"]) if more and items else None)
-
-
-async def get_conversation(conn: Executor, conversation_id: uuid.UUID, *, account_id: str | None = None,
-                           key_id: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A conversation (of this key, when one is named) and its stored turns; ConversationNotFound otherwise."""
-    clauses, args = _where("c", account_id, key_id, first=2)
-    condition = " AND ".join(["c.id = $1", *clauses])
-    row = await conn.fetchrow(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations c WHERE {condition}",
-                              conversation_id, *args)
-    if row is None:
-        raise ConversationNotFound(str(conversation_id))
-    turns = await conn.fetch("SELECT seq, request_id, message, tokens, created_at FROM conversation_turns"
-                             " WHERE conversation_id = $1 ORDER BY seq", conversation_id)
-    return dict(row), [dict(t) for t in turns]
-
-
-async def delete_conversation(conn: Executor, conversation_id: uuid.UUID, *, account_id: str | None = None,
-                              key_id: str | None = None) -> None:
-    """Delete a conversation with its turns and memories, at once; ConversationNotFound if there is none."""
-    clauses, args = _where("c", account_id, key_id, first=2)
-    condition = " AND ".join(["c.id = $1", *clauses])
-    deleted = await conn.fetchval(f"DELETE FROM conversations c WHERE {condition} RETURNING c.id",
-                                  conversation_id, *args)
-    if deleted is None:
-        raise ConversationNotFound(str(conversation_id))
-
-
-_MEMORY_COLUMNS = "m.id, m.account_id, m.key_id, m.conversation_id, m.request_id, m.content, m.tokens, m.created_at"
-
-
-async def list_memories(conn: Executor, *, account_id: str | None, key_id: str | None, limit: int,
-                        cursor: str | None = None) -> Page:
-    """Memories newest first: everything recall may draw on for the key."""
-    clauses, args = _where("m", account_id, key_id)
-    if cursor is not None:
-        at, after = _decode_cursor(cursor)
-        args += [at, after]
-        clauses.append(f"(m.created_at, m.id) < (${len(args) - 1}, ${len(args)})")
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = await conn.fetch(f"SELECT {_MEMORY_COLUMNS} FROM memories m {where}"
-                            f" ORDER BY m.created_at DESC, m.id DESC LIMIT ${len(args) + 1}", *args, limit + 1)
-    items = [dict(r) for r in rows[:limit]]
-    more = len(rows) > limit
-    return Page(items, _encode_cursor(items[-1]["created_at"], items[-1]["id"]) if more and items else None)
-
-
-async def delete_memory(conn: Executor, memory_id: uuid.UUID, *, account_id: str | None = None,
-                        key_id: str | None = None) -> None:
-    clauses, args = _where("m", account_id, key_id, first=2)
-    condition = " AND ".join(["m.id = $1", *clauses])
-    if await conn.fetchval(f"DELETE FROM memories m WHERE {condition} RETURNING m.id", memory_id, *args) is None:
-        raise MemoryNotFound(str(memory_id))
-
-
-async def delete_memories(conn: Executor, *, account_id: str, key_id: str) -> int:
-    """Delete every memory of the key; returns how many there were."""
-    return int(await conn.fetchval(
-        "WITH gone AS (DELETE FROM memories WHERE account_id = $1 AND key_id = $2 RETURNING 1)"
-        " SELECT count(*) FROM gone", account_id, key_id))
-
-
-async def purge(conn: Executor, *, retention_days: int, batch: int = 500) -> int:
-    """Delete conversations idle for longer than `retention_days` (in batches); returns how many went."""
-    total = 0
-    while True:
-        gone = int(await conn.fetchval("SELECT meterline_purge_conversations($1, $2)", retention_days, batch))
-        total += gone
-        if gone < batch:
-            return total
+        return await self.batched.void(hold, reason, record)
 
 
 async def has_language(conn: Executor, language: str) -> bool:

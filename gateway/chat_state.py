@@ -58,10 +58,8 @@ async def context_for(app: web.Application, key: ApiKey, chat: ChatRequest, entr
 def steps(app: web.Application, context: Context, key: ApiKey, entry: CatalogEntry,
           new_messages: list[Any]) -> Conversing:
     """The hold steps that store the exchange with its settlement."""
-    holds = app[HOLDS]
-    return Conversing(holds.pool, holds.batched.batcher, holds.ttl_seconds, context, account_id=key.account_id,
-                      key_id=key.id, model=entry.id, new_messages=new_messages,
-                      language=app[SETTINGS].memory_language)
+    return Conversing(app[HOLDS].batched, context, account_id=key.account_id, key_id=key.id, model=entry.id,
+                      new_messages=new_messages, language=app[SETTINGS].memory_language)
 
 
 def context_fields(entry: CatalogEntry, usage: Usage | None, context: Context | None) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
-from billing import conversations
-from billing.conversations import ConversationNotFound, InvalidCursor, MemoryNotFound, Page
+from billing import conversation_store, conversations
+from billing.conversation_store import InvalidCursor, MemoryNotFound, Page
+from billing.conversations import ConversationNotFound
 from gateway.auth import requires_key
 from gateway.bodies import query_int
 from gateway.chat_state import conversation_not_found
@@ -72,7 +73,7 @@ async def _listed(request: web.Request, lister: Any, render: Any, *, account_id:
 async def _conversation(request: web.Request, *, account_id: str | None, key_id: str | None) -> web.Response:
     try:
         conversation_id = _id(request, "conversation_id", ConversationNotFound)
-        row, turns = await conversations.get_conversation(request.config_dict[POOL], conversation_id,
+        row, turns = await conversation_store.get_conversation(request.config_dict[POOL], conversation_id,
                                                           account_id=account_id, key_id=key_id)
     except ConversationNotFound:
         raise conversation_not_found(request.match_info["conversation_id"]) from None
@@ -82,7 +83,7 @@ async def _conversation(request: web.Request, *, account_id: str | None, key_id:
 async def _delete_conversation(request: web.Request, *, account_id: str | None, key_id: str | None) -> web.Response:
     try:
         conversation_id = _id(request, "conversation_id", ConversationNotFound)
-        await conversations.delete_conversation(request.config_dict[POOL], conversation_id, account_id=account_id,
+        await conversation_store.delete_conversation(request.config_dict[POOL], conversation_id, account_id=account_id,
                                                 key_id=key_id)
     except ConversationNotFound:
         raise conversation_not_found(request.match_info["conversation_id"]) from None
@@ -92,7 +93,7 @@ async def _delete_conversation(request: web.Request, *, account_id: str | None, 
 async def _delete_memory(request: web.Request, *, account_id: str | None, key_id: str | None) -> web.Response:
     try:
         memory_id = _id(request, "memory_id", MemoryNotFound)
-        await conversations.delete_memory(request.config_dict[POOL], memory_id, account_id=account_id,
+        await conversation_store.delete_memory(request.config_dict[POOL], memory_id, account_id=account_id,
                                           key_id=key_id)
     except MemoryNotFound:
         raise memory_not_found(request.match_info["memory_id"]) from None
@@ -104,7 +105,7 @@ async def _delete_memory(request: web.Request, *, account_id: str | None, key_id
 @requires_key
 async def list_conversations(request: web.Request) -> web.Response:
     key = request[API_KEY]
-    return await _listed(request, conversations.list_conversations, render_conversation,
+    return await _listed(request, conversation_store.list_conversations, render_conversation,
                          account_id=key.account_id, key_id=key.id)
 
 
@@ -123,7 +124,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
 @requires_key
 async def list_memories(request: web.Request) -> web.Response:
     key = request[API_KEY]
-    return await _listed(request, conversations.list_memories, render_memory,
+    return await _listed(request, conversation_store.list_memories, render_memory,
                          account_id=key.account_id, key_id=key.id)
 
 
@@ -136,7 +137,7 @@ async def delete_memory(request: web.Request) -> web.Response:
 @requires_key
 async def delete_memories(request: web.Request) -> web.Response:
     key = request[API_KEY]
-    deleted = await conversations.delete_memories(request.app[POOL], account_id=key.account_id, key_id=key.id)
+    deleted = await conversation_store.delete_memories(request.app[POOL], account_id=key.account_id, key_id=key.id)
     return json_response({"object": "memory.deleted", "deleted": deleted})
 
 
@@ -161,7 +162,7 @@ def _owner_filter(request: web.Request) -> dict[str, str | None]:
 
 @admin_routes.get("/conversations")
 async def admin_list_conversations(request: web.Request) -> web.Response:
-    return await _listed(request, conversations.list_conversations, render_conversation, **_owner_filter(request))
+    return await _listed(request, conversation_store.list_conversations, render_conversation, **_owner_filter(request))
 
 
 @admin_routes.get("/conversations/{conversation_id}")
@@ -176,7 +177,7 @@ async def admin_delete_conversation(request: web.Request) -> web.Response:
 
 @admin_routes.get("/memories")
 async def admin_list_memories(request: web.Request) -> web.Response:
-    return await _listed(request, conversations.list_memories, render_memory, **_owner_filter(request))
+    return await _listed(request, conversation_store.list_memories, render_memory, **_owner_filter(request))
 
 
 @admin_routes.delete("/memories/{memory_id}")

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from billing import conversations, ledger
+from billing import conversation_store, ledger
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 
@@ -44,7 +44,7 @@ def start_sweeper(app: web.Application) -> None:
 
 
 async def purge_conversations(app: web.Application) -> None:
-    purged = await conversations.purge(app[POOL], retention_days=app[SETTINGS].conversation_retention_days)
+    purged = await conversation_store.purge(app[POOL], retention_days=app[SETTINGS].conversation_retention_days)
     if purged:
         log.info("deleted %d conversations idle for more than %d days", purged,
                  app[SETTINGS].conversation_retention_days)

@@ -399,14 +399,14 @@ async def test_detailed_logging_is_set_by_admins_and_reaches_the_gateway_at_once
 
 async def test_conversations_idle_past_the_retention_are_purged_with_their_memories(
         chat_client: TestClient, pool: asyncpg.Pool, sdk_factory: Any) -> None:
-    from billing import conversations
+    from billing import conversation_store
 
     _, secret = await make_customer(pool, balance_micros=FUNDS, detailed_logging=True)
     old = (await ask(sdk_factory(secret), "old news", memory=True)).conversation_id  # type: ignore[attr-defined]
     fresh = (await ask(sdk_factory(secret), "fresh news", memory=True)).conversation_id  # type: ignore[attr-defined]
     await pool.execute("UPDATE conversations SET updated_at = now() - interval '91 days' WHERE id = $1",
                        uuid.UUID(old))
-    assert await conversations.purge(pool, retention_days=90) == 1
+    assert await conversation_store.purge(pool, retention_days=90) == 1
     assert [str(r["id"]) for r in await pool.fetch("SELECT id FROM conversations")] == [fresh]
     assert [str(r["conversation_id"]) for r in await pool.fetch("SELECT conversation_id FROM memories")] == [fresh]
 
