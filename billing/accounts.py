@@ -50,6 +50,17 @@ async def list_accounts(
     return [dict(r) for r in rows]
 
 
+async def search_accounts(conn: Executor, query: str, *, limit: int, after: str | None = None) -> list[dict[str, Any]]:
+    """Accounts whose id is `query` or whose name contains it (case-insensitive), in id order after `after`."""
+    pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = await conn.fetch(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE kind = 'customer' AND (id = $1 OR name ILIKE $2)"
+        " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4",
+        query, pattern, after, limit,
+    )
+    return [dict(r) for r in rows]
+
+
 async def ledger_entries(
     conn: Executor, account_id: str, *, limit: int, before_id: int | None = None
 ) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from billing import keys
 from billing.db import Executor
 from billing.errors import InvalidAmount, KeyNotFound
 from billing.keys import KEY_COLUMNS, set_detailed_logging
@@ -59,6 +60,16 @@ async def set_key_limits(conn: Executor, key_id: str, changes: dict[str, Any]) -
             await conn.execute("SELECT 1 FROM accounts a JOIN api_keys k ON k.account_id = a.id"
                                " WHERE k.id = $1 FOR UPDATE OF a", key_id)
         return await _apply_limits(conn, key_id, changes, spend_changed)
+
+
+async def create_key(pool: asyncpg.Pool, *, account_id: str, name: str | None, detailed_logging: bool,
+                     changes: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Mint a key with its limits and settings in one transaction; returns (the row, the secret, shown once)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row, secret = await keys.create_key(conn, account_id=account_id, name=name, detailed_logging=detailed_logging)
+        if changes:
+            row = await set_key_limits(conn, row["id"], changes)
+        return row, secret
 
 
 async def update_key(pool: asyncpg.Pool, key_id: str, changes: dict[str, Any], *,

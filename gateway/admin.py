@@ -147,11 +147,9 @@ async def get_account(request: web.Request) -> web.Response:
 @routes.post("/accounts/{account_id}/keys")
 async def create_key(request: web.Request) -> web.Response:
     body = await read_model(request, CreateKey) if request.can_read_body else CreateKey()
-    async with request.config_dict[POOL].acquire() as conn, conn.transaction():
-        row, secret = await keys.create_key(conn, account_id=request.match_info["account_id"], name=body.name,
-                                            detailed_logging=body.detailed_logging)
-        if body.changes():
-            row = await limits.set_key_limits(conn, row["id"], body.changes())
+    row, secret = await limits.create_key(request.config_dict[POOL], account_id=request.match_info["account_id"],
+                                          name=body.name, detailed_logging=body.detailed_logging,
+                                          changes=body.changes())
     return json_response({**render_key(row), "key": secret}, status=201)
 
 

@@ -18,6 +18,7 @@ from gateway import (
     admin,
     auth,
     chat,
+    console,
     consumer,
     conversations_api,
     images,
@@ -31,7 +32,7 @@ from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
 from gateway.settings import Settings, SettingsError
-from gateway.tasks import start_purger, start_sweeper
+from gateway.tasks import start_housekeeping, start_sweeper
 
 # The group commit of holds and settlements (only the hold lifecycle, billing.holds, uses it).
 BATCHER = web.AppKey("batcher", LedgerBatcher)
@@ -80,7 +81,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HOLDS] = Holds(app[POOL], app[BATCHER], tasks, ttl_seconds=settings.hold_ttl_seconds,
                        void_wait_seconds=settings.stream_settle_wait_seconds)
     start_sweeper(app)
-    start_purger(app)
+    start_housekeeping(app)
     yield
     await tasks.close(grace_seconds=settings.shutdown_grace_seconds)
 
@@ -130,6 +131,7 @@ def create_app(settings: Settings) -> web.Application:
     images.add_routes(app)
     videos.add_routes(app)
     app.add_subapp("/admin", admin.admin_app())
+    app.add_subapp("/console", console.console_app())
     return app
 
 

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     memory_language: str = Field(default="english", min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.]+$")
     memory_budget_tokens: int = Field(default=1000, ge=0, le=100_000)
     memory_max_items: int = Field(default=8, ge=1, le=100)
+    # The web console (issue 12): how long a sign-in lasts, and how many sign-in attempts a client may make in a
+    # window before it must wait for the next one (a success clears its count).
+    console_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    console_signin_limit: int = Field(default=10, ge=1, le=1000)
+    console_signin_window_seconds: int = Field(default=900, ge=10, le=86_400)
     # Images and videos (issue 4).
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="Largest images/edits body")
     # An upload's parts (files and fields) and the size of each text field: more is a 400 naming the limit.

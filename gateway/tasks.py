@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from billing import conversation_store, ledger
+from billing import console, conversation_store, ledger
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 
@@ -43,16 +43,18 @@ def start_sweeper(app: web.Application) -> None:
                                 "hold sweep"), "hold-sweeper")
 
 
-async def purge_conversations(app: web.Application) -> None:
-    purged = await conversation_store.purge(app[POOL], retention_days=app[SETTINGS].conversation_retention_days)
-    if purged:
-        log.info("deleted %d conversations idle for more than %d days", purged,
-                 app[SETTINGS].conversation_retention_days)
+async def housekeeping(app: web.Application) -> None:
+    """Delete what has outlived its time: conversations idle past their retention, and expired console sessions."""
+    pool = app[POOL]
+    days = app[SETTINGS].conversation_retention_days
+    if days > 0:
+        purged = await conversation_store.purge(pool, retention_days=days)
+        if purged:
+            log.info("deleted %d conversations idle for more than %d days", purged, days)
+    await console.purge_sessions(pool)
 
 
-def start_purger(app: web.Application) -> None:
-    """Conversations past their retention are deleted in every process (SKIP LOCKED shares the work)."""
-    settings = app[SETTINGS]
-    if settings.conversation_retention_days > 0:
-        app[TASKS].background(every(settings.conversation_purge_seconds, lambda: purge_conversations(app),
-                                    "conversation purge"), "conversation-purger")
+def start_housekeeping(app: web.Application) -> None:
+    """In every process (SKIP LOCKED and plain deletes share the work), every `conversation_purge_seconds`."""
+    app[TASKS].background(every(app[SETTINGS].conversation_purge_seconds, lambda: housekeeping(app),
+                                "housekeeping"), "housekeeping")

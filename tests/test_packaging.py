@@ -53,5 +53,10 @@ async def test_the_built_wheel_installs_and_serves_from_any_directory(tmp_path: 
             aiohttp.ClientSession() as http:
         async with http.get(f"{base}/readyz") as ready:
             assert ready.status == 200
+        # The console's templates and vendored scripts travel in the wheel too.
+        async with http.get(f"{base}/console/login") as login:
+            assert login.status == 200 and "Sign in" in await login.text()
+        async with http.get(f"{base}/console/static/uPlot-1.6.32.iife.min.js") as script:
+            assert script.status == 200 and len(await script.read()) > 10_000
         assert await schema.applied(database) == [m.version for m in schema.migrations()]
         assert await database.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 3

@@ -1,0 +1,153 @@
+"""The admin console: the overview, accounts (search, create), and an account (balance, ledger, top-ups and
+adjustments, keys, recent requests). Every change goes through billing/, as the admin API's do.
+
+Top-ups and adjustments carry an Idempotency-Key generated when the form is rendered, so submitting the same form
+twice (a double click, a reload) credits once: the second answer is the first one's replay.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from billing import accounts, keys, ledger, limits, overview, requests_log
+from billing.money import MAX_MICROS, usd_to_micros
+from gateway.console.common import int_field, render, see_other, text_field
+from gateway.errors import invalid
+from gateway.keys import CATALOG, KEY_STORE, POOL
+
+PAGE = 25
+LEDGER_PAGE = 50
+LOW_BALANCE_MICROS = 1_000_000  # an account with less than $1 available is listed as running low
+
+
+async def home(request: web.Request) -> web.Response:
+    pool = request.config_dict[POOL]
+    figures = await overview.overview(pool, low_balance_micros=LOW_BALANCE_MICROS)
+    return render(request, "overview.html", {"figures": figures, "catalog": request.config_dict[CATALOG].status(),
+                                             "low_balance_micros": LOW_BALANCE_MICROS})
+
+
+async def account_list(request: web.Request) -> web.Response:
+    query = (request.query.get("q") or "").strip()[:200]
+    after = request.query.get("after") or None
+    pool = request.config_dict[POOL]
+    if query:
+        rows = await accounts.search_accounts(pool, query, limit=PAGE + 1, after=after)
+    else:
+        rows = await accounts.list_accounts(pool, limit=PAGE + 1, after=after)
+    more = len(rows) > PAGE
+    rows = rows[:PAGE]
+    return render(request, "accounts.html", {"accounts": rows, "q": query,
+                                             "next_after": rows[-1]["id"] if more and rows else None})
+
+
+async def account_create(request: web.Request) -> web.Response:
+    form = await request.post()
+    name = text_field(form, "name", required=True, max_length=200)
+    assert name is not None
+    row = await accounts.create_account(request.config_dict[POOL], name=name)
+    return see_other(f"/console/accounts/{row['id']}")
+
+
+async def _account_context(request: web.Request, account_id: str) -> dict[str, Any]:
+    pool = request.config_dict[POOL]
+    account = await accounts.get_account(pool, account_id)
+    before = request.query.get("before")
+    before_id = int(before) if before and before.isascii() and before.isdigit() and len(before) < 19 else None
+    entries = await accounts.ledger_entries(pool, account_id, limit=LEDGER_PAGE + 1, before_id=before_id)
+    page = await requests_log.list_requests(pool, requests_log.RequestFilter(account_id=account_id), limit=20)
+    return {
+        "account": account, "entries": entries[:LEDGER_PAGE],
+        "older": entries[LEDGER_PAGE - 1]["id"] if len(entries) > LEDGER_PAGE else None,
+        "keys": await overview.account_keys(pool, account_id), "requests": page.records,
+        # A fresh Idempotency-Key per rendered form: the same form posted twice moves money once.
+        "topup_key": f"console-{uuid.uuid4()}", "adjustment_key": f"console-{uuid.uuid4()}",
+        "posted": request.query.get("posted"), "replayed": request.query.get("replayed") == "1",
+        "new_key": None,
+    }
+
+
+async def account_page(request: web.Request) -> web.Response:
+    return render(request, "account.html", await _account_context(request, request.match_info["account_id"]))
+
+
+def _amount(form: Any, *, positive: bool) -> int:
+    text = text_field(form, "amount_usd", required=True, max_length=32)
+    assert text is not None
+    micros = usd_to_micros(text)
+    if positive and micros <= 0:
+        raise invalid("A top-up must be a positive amount", "amount_usd")
+    if micros == 0:
+        raise invalid("An adjustment must not be zero", "amount_usd")
+    return micros
+
+
+async def _post(request: web.Request, *, kind: str) -> web.Response:
+    account_id = request.match_info["account_id"]
+    form = await request.post()
+    idem = text_field(form, "idempotency_key", required=True, max_length=255)
+    amount = _amount(form, positive=kind == "topup")
+    description = text_field(form, "description" if kind == "topup" else "reason", required=kind == "adjustment")
+    result, replayed = await ledger.post_once(
+        request.config_dict[POOL], idempotency_key=idem or "", account_id=account_id, kind=kind,
+        amount_micros=amount, description=description,
+        fingerprint=ledger.request_fingerprint(kind, account_id, amount, description))
+    return see_other(f"/console/accounts/{account_id}?posted={result['transfer_id']}"
+                     f"&replayed={1 if replayed else 0}")
+
+
+async def topup(request: web.Request) -> web.Response:
+    return await _post(request, kind="topup")
+
+
+async def adjustment(request: web.Request) -> web.Response:
+    return await _post(request, kind="adjustment")
+
+
+async def key_create(request: web.Request) -> web.Response:
+    """Mint a key; its secret is shown on this answer only (a reload does not show it again: the answer is not
+    cached, and posting the form again makes another key)."""
+    account_id = request.match_info["account_id"]
+    form = await request.post()
+    changes: dict[str, Any] = {}
+    limit_usd = text_field(form, "limit_usd", max_length=32)
+    if limit_usd is not None:
+        changes["limit_micros"] = usd_to_micros(limit_usd)
+        if not 0 <= changes["limit_micros"] <= MAX_MICROS:
+            raise invalid("limit_usd must be zero or more", "limit_usd")
+    reset = text_field(form, "limit_reset", max_length=16)
+    if reset is not None:
+        if reset not in limits.RESETS:
+            raise invalid("limit_reset must be daily, weekly or monthly", "limit_reset")
+        changes["limit_reset"] = reset
+    for name, (low, high) in (("rpm_limit", limits.RPM_RANGE), ("rpd_limit", limits.RPD_RANGE)):
+        value = int_field(form, name, low=low, high=high)
+        if value is not None:
+            changes[name] = value
+    row, secret = await limits.create_key(request.config_dict[POOL], account_id=account_id,
+                                          name=text_field(form, "name", max_length=200),
+                                          detailed_logging=form.get("detailed_logging") == "on", changes=changes)
+    context = await _account_context(request, account_id)
+    context["new_key"] = {"id": row["id"], "secret": secret}
+    return render(request, "account.html", context, status=201)
+
+
+async def key_revoke(request: web.Request) -> web.Response:
+    row = await keys.revoke_key(request.config_dict[POOL], request.match_info["key_id"])
+    request.config_dict[KEY_STORE].forget()
+    return see_other(f"/console/accounts/{row['account_id']}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("", home)
+    app.router.add_get("/", home)
+    app.router.add_get("/accounts", account_list)
+    app.router.add_post("/accounts", account_create)
+    app.router.add_get("/accounts/{account_id}", account_page)
+    app.router.add_post("/accounts/{account_id}/topups", topup)
+    app.router.add_post("/accounts/{account_id}/adjustments", adjustment)
+    app.router.add_post("/accounts/{account_id}/keys", key_create)
+    app.router.add_post("/keys/{key_id}/revoke", key_revoke)

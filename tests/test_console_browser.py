@@ -1,0 +1,98 @@
+"""The console in a real browser (Playwright driving Debian's Chromium; tests/console_support.py): what an admin
+does, what a customer sees, and what a browser without a session or a CSRF token cannot do."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from tests.conftest import ADMIN_TOKEN
+from tests.console_support import money, screenshot, sign_in
+from tests.factories import billed_request, make_customer
+
+
+async def test_an_admin_creates_an_account_tops_it_up_once_on_a_double_submit_and_makes_and_revokes_a_key(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    await sign_in(page, console_base, ADMIN_TOKEN)
+    assert page.url == f"{console_base}/console"
+    await screenshot(page, "overview")
+    await page.click("text=Accounts")
+    await page.fill("input[name=name]", "Globex")
+    await page.click("text=Create account")
+    await page.wait_for_url(f"{console_base}/console/accounts/acct_*")
+    account_id = page.url.rsplit("/", 1)[1]
+    assert await pool.fetchval("SELECT name FROM accounts WHERE id = $1", account_id) == "Globex"
+
+    # Top up, with the same rendered form submitted twice: one credit.
+    form = page.locator("#topup-form")
+    await form.locator("input[name=amount_usd]").fill("12.50")
+    await form.locator("input[name=description]").fill("first funds")
+    fields = {name: await form.locator(f"input[name={name}]").input_value()
+              for name in ("csrf", "idempotency_key", "amount_usd", "description")}
+    action = f"{console_base}/console/accounts/{account_id}/topups"
+    twice = await asyncio.gather(*(page.request.post(action, form=fields, max_redirects=0) for _ in range(2)))
+    assert [r.status for r in twice] == [303, 303]
+    await form.locator("button").click()  # and once more from the page itself
+    await page.wait_for_selector("p.notice")
+    assert "already submitted" in await page.inner_text("p.notice")
+    assert money(await page.inner_text("#balance")) == 12_500_000
+    assert await pool.fetchval("SELECT count(*) FROM transfers WHERE account_id = $1", account_id) == 1
+    assert await page.locator("#ledger tbody tr").count() == 1
+
+    # A key: its secret shown once, on the answer to its creation only.
+    await page.click("text=Create a key")
+    await page.fill("#key-form input[name=name]", "backend")
+    await page.fill("#key-form input[name=limit_usd]", "5")
+    await page.select_option("#key-form select[name=limit_reset]", "monthly")
+    await page.click("#key-form button")
+    secret = (await page.inner_text("#new-key-secret")).strip()
+    assert secret.startswith("ml-") and len(secret) == 46
+    row = await pool.fetchrow("SELECT id, limit_micros, limit_reset FROM api_keys WHERE account_id = $1", account_id)
+    assert (row["limit_micros"], row["limit_reset"]) == (5_000_000, "monthly")
+    await screenshot(page, "account")
+    await page.goto(f"{console_base}/console/accounts/{account_id}")
+    assert secret not in await page.content()
+    assert await page.locator("#new-key-secret").count() == 0
+
+    await page.click(f"#key-{row['id']} button.danger")
+    await page.wait_for_selector(f"#key-{row['id']}.revoked")
+    assert await pool.fetchval("SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = $1", row["id"]) is True
+
+
+async def test_a_customer_signs_in_with_its_key_and_sees_only_its_own_account(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    mine, secret = await make_customer(pool, balance_micros=3_000_000)
+    theirs, _ = await make_customer(pool, balance_micros=9_000_000)
+    own = await billed_request(pool, mine, cost_micros=1_234)
+    other = await billed_request(pool, theirs, cost_micros=4_321)
+    await sign_in(page, console_base, secret)
+    assert page.url == f"{console_base}/console/me"
+    assert money(await page.inner_text("#available")) == 3_000_000 - 1_234
+    content = await page.content()
+    assert own in content and other not in content and theirs not in content
+    await screenshot(page, "customer")
+    for path in ("/console", f"/console/accounts/{theirs}", "/console/accounts"):
+        await page.goto(f"{console_base}{path}")
+        assert page.url == f"{console_base}/console/me"
+    refused = await page.request.post(f"{console_base}/console/accounts", form={"name": "x"}, max_redirects=0)
+    assert refused.status == 403
+
+
+async def test_a_post_without_its_csrf_token_is_refused_and_signing_out_ends_access(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    account_id, _ = await make_customer(pool)
+    await sign_in(page, console_base, ADMIN_TOKEN)
+    action = f"{console_base}/console/accounts/{account_id}/topups"
+    form = {"idempotency_key": "k-1", "amount_usd": "1.00"}
+    for csrf in (None, "forged"):
+        refused = await page.request.post(action, form={**form, **({"csrf": csrf} if csrf else {})},
+                                          max_redirects=0)
+        assert refused.status == 403 and "CSRF" in await refused.text()
+    assert await pool.fetchval("SELECT count(*) FROM transfers") == 0
+    await page.click("text=Sign out")
+    await page.wait_for_url(f"{console_base}/console/login")
+    await page.goto(f"{console_base}/console/accounts/{account_id}")
+    assert page.url == f"{console_base}/console/login"
+    assert await pool.fetchval("SELECT count(*) FROM console_sessions") == 0

@@ -1,0 +1,137 @@
+"""The console's pages over HTTP: every page renders with no rows, one and many; no query value makes one answer
+500; sign-in attempts are limited; no secret appears where it must not."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import billed_request, make_account, make_customer, make_key
+
+
+async def signed_in(client: TestClient, secret: str = ADMIN_TOKEN) -> str:
+    """Sign `client` in; returns the session's CSRF token (read from a page, as a browser would)."""
+    page = await client.get("/console/login")
+    login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', await page.text())
+    assert login_csrf is not None
+    resp = await client.post("/console/login", data={"login_csrf": login_csrf[1], "token": secret},
+                             allow_redirects=False)
+    assert resp.status == 303, await resp.text()
+    home = await client.get(resp.headers["Location"])
+    csrf = re.search(r'name="csrf" value="([^"]+)"', await home.text())
+    assert csrf is not None
+    return csrf[1]
+
+
+def rows(html: str, table: str) -> int:
+    """How many body rows the table with this id has."""
+    match = re.search(rf'<table id="{table}">.*?<tbody>(.*?)</tbody>', html, re.S)
+    return 0 if match is None else match[1].count("<tr")
+
+
+async def test_every_admin_page_renders_with_no_rows_one_row_and_many(client: TestClient,
+                                                                     pool: asyncpg.Pool) -> None:
+    await signed_in(client)
+    empty = await client.get("/console/accounts")
+    assert empty.status == 200 and "No accounts yet." in await empty.text()
+    overview = await client.get("/console")
+    assert overview.status == 200 and "No account is overdrawn or running low." in await overview.text()
+
+    account_id = await make_account(pool, balance_micros=500_000, name="Solo")
+    await make_key(pool, account_id)
+    await billed_request(pool, account_id, cost_micros=700)
+    one = await (await client.get(f"/console/accounts/{account_id}")).text()
+    assert (rows(one, "keys"), rows(one, "ledger")) == (1, 2)
+    assert "$0.499300" in one  # 0.5 USD less 700 micros, to the micro
+    listed = await (await client.get("/console/accounts")).text()
+    assert rows(listed, "accounts") == 1
+    assert "Solo" in await (await client.get("/console")).text()  # below $1 available: running low
+
+    many = [await make_account(pool, balance_micros=2_000_000, name=f"Many {i:02}") for i in range(30)]
+    for _ in range(60):
+        await billed_request(pool, many[0], cost_micros=1)
+    first = await (await client.get("/console/accounts")).text()
+    assert rows(first, "accounts") == 25 and "Next page" in first
+    after = re.search(r'after=([^"&]+)', first)
+    assert after is not None
+    second = await (await client.get(f"/console/accounts?after={after[1]}")).text()
+    assert rows(second, "accounts") == 6 and "Next page" not in second
+    busy = await (await client.get(f"/console/accounts/{many[0]}")).text()
+    assert rows(busy, "ledger") == 50 and "Older entries" in busy
+    searched = await (await client.get("/console/accounts?q=many%2007")).text()
+    assert rows(searched, "accounts") == 1 and "Many 07" in searched
+
+
+async def test_the_customer_page_renders_with_no_requests_and_with_many(client: TestClient,
+                                                                       pool: asyncpg.Pool) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=1_000_000)
+    await signed_in(client, secret)
+    page = await (await client.get("/console/me")).text()
+    assert "No requests yet." in page and "$1.000000" in page
+    for _ in range(60):
+        await billed_request(pool, account_id, cost_micros=3)
+    page = await (await client.get("/console/me")).text()
+    assert page.count("<code>req_") == 50 and "$0.999820" in page
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.text(max_size=40), field=st.sampled_from(["q", "after", "before", "posted", "replayed"]))
+async def test_no_console_page_answers_500_whatever_its_query(client: TestClient, pool: asyncpg.Pool,
+                                                              value: str, field: str) -> None:
+    if not client.session.cookie_jar.filter_cookies(client.make_url("/console")).get("meterline_console"):
+        await signed_in(client)
+    for path in ("/console", "/console/accounts", "/console/accounts/acct_nope", "/console/nope"):
+        resp = await client.get(path, params={field: value})
+        assert resp.status in (200, 400, 404), (path, field, value, resp.status)
+        assert "Traceback" not in await resp.text()
+
+
+async def test_failed_sign_ins_are_limited_and_a_success_clears_the_count(
+        aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool) -> None:
+    client: TestClient = await aiohttp_client(create_app(settings.model_copy(update={"console_signin_limit": 3})))
+
+    async def attempt(secret: str) -> int:
+        page = await client.get("/console/login")
+        match = re.search(r'name="login_csrf" value="([^"]+)"', await page.text())
+        assert match is not None
+        resp = await client.post("/console/login", data={"login_csrf": match[1], "token": secret},
+                                 allow_redirects=False)
+        return resp.status
+
+    assert [await attempt("wrong") for _ in range(2)] == [401, 401]
+    assert await attempt(ADMIN_TOKEN) == 303  # clears the count
+    assert [await attempt("wrong") for _ in range(3)] == [401, 401, 401]
+    assert await attempt(ADMIN_TOKEN) == 429  # the right token too, until the window turns
+
+
+async def test_no_secret_reaches_a_page_and_a_forged_session_is_nothing(client: TestClient,
+                                                                        pool: asyncpg.Pool) -> None:
+    account_id, secret = await make_customer(pool)
+    csrf = await signed_in(client)
+    pages = [await (await client.get(path)).text()
+             for path in ("/console", "/console/accounts", f"/console/accounts/{account_id}")]
+    assert not any(ADMIN_TOKEN in page or secret in page for page in pages)
+    created = await client.post(f"/console/accounts/{account_id}/keys", data={"csrf": csrf, "name": "new"})
+    shown = re.search(r'id="new-key-secret">([^<]+)<', await created.text())
+    assert created.status == 201 and shown is not None and shown[1].startswith("ml-")
+    again = await (await client.get(f"/console/accounts/{account_id}")).text()
+    assert shown[1] not in again
+    client.session.cookie_jar.clear()
+    client.session.cookie_jar.update_cookies({"meterline_console": "forged"})
+    assert (await client.get("/console", allow_redirects=False)).headers["Location"] == "/console/login"
+
+
+@pytest.mark.parametrize("path", ["/console/static/htmx-2.0.11.min.js", "/console/static/uPlot-1.6.32.iife.min.js",
+                                  "/console/static/htmx-LICENSE.txt", "/console/static/uPlot-LICENSE.txt"])
+async def test_the_vendored_scripts_are_served_with_their_licences(client: TestClient, path: str) -> None:
+    resp = await client.get(path)
+    assert resp.status == 200 and len(await resp.read()) > 500
