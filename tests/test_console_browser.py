@@ -4,6 +4,10 @@ does, what a customer sees, and what a browser without a session or a CSRF token
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -96,3 +100,35 @@ async def test_a_post_without_its_csrf_token_is_refused_and_signing_out_ends_acc
     await page.goto(f"{console_base}/console/accounts/{account_id}")
     assert page.url == f"{console_base}/console/login"
     assert await pool.fetchval("SELECT count(*) FROM console_sessions") == 0
+
+
+async def test_the_usage_chart_draws_the_days_and_the_table_and_csv_tie_out(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    account_id, _ = await make_customer(pool, balance_micros=5_000_000)
+    costs = {"acme/small": [1_001, 2_002], "acme/large": [30_003]}
+    for model, charges in costs.items():
+        for charge in charges:
+            await billed_request(pool, account_id, cost_micros=charge, hold_micros=50_000,
+                                 record={"model": model, "prompt_tokens": 10, "completion_tokens": 5})
+    await sign_in(page, console_base, ADMIN_TOKEN)
+    await page.wait_for_selector("#money-chart[data-drawn=true]")
+    assert money(await page.inner_text("#revenue")) == 33_006
+    assert money(await page.inner_text("#topups")) == 5_000_000
+    await screenshot(page, "overview")
+    await page.goto(f"{console_base}/console/usage?metric=cost&group_by=model")
+    chart = page.locator("#usage-chart")
+    await page.wait_for_selector("#usage-chart[data-drawn=true]")
+    assert await chart.get_attribute("data-points") == "30"  # the last 30 days, today included
+    assert await chart.locator("canvas").count() == 1
+    data = json.loads(await page.locator("#usage-data").text_content() or "")
+    assert {s["label"]: s["values"][-1] for s in data["series"]} == {"acme/large": 30_003, "acme/small": 3_003}
+    assert all(value == 0 for s in data["series"] for value in s["values"][:-1])
+    assert money(await page.inner_text("#usage-total")) == 33_006
+    await screenshot(page, "usage")
+    async with page.expect_download() as info:
+        await page.click("#usage-csv")
+    download = await info.value
+    text = await asyncio.to_thread(Path(await download.path()).read_text)
+    lines = list(csv.reader(io.StringIO(text)))
+    assert lines[0] == ["day", "model", "cost_micros"]
+    assert sum(int(row[2]) for row in lines[1:]) == 33_006 and len(lines) == 3

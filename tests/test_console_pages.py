@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -84,12 +85,13 @@ async def test_the_customer_page_renders_with_no_requests_and_with_many(client: 
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(value=st.text(max_size=40), field=st.sampled_from(["q", "after", "before", "posted", "replayed"]))
+@given(value=st.text(max_size=40), field=st.sampled_from(["q", "after", "before", "posted", "replayed", "from", "to",
+                                                           "metric", "group_by", "account", "format"]))
 async def test_no_console_page_answers_500_whatever_its_query(client: TestClient, pool: asyncpg.Pool,
                                                               value: str, field: str) -> None:
     if not client.session.cookie_jar.filter_cookies(client.make_url("/console")).get("meterline_console"):
         await signed_in(client)
-    for path in ("/console", "/console/accounts", "/console/accounts/acct_nope", "/console/nope"):
+    for path in ("/console", "/console/accounts", "/console/accounts/acct_nope", "/console/usage", "/console/nope"):
         resp = await client.get(path, params={field: value})
         assert resp.status in (200, 400, 404), (path, field, value, resp.status)
         assert "Traceback" not in await resp.text()
@@ -135,3 +137,26 @@ async def test_no_secret_reaches_a_page_and_a_forged_session_is_nothing(client: 
 async def test_the_vendored_scripts_are_served_with_their_licences(client: TestClient, path: str) -> None:
     resp = await client.get(path)
     assert resp.status == 200 and len(await resp.read()) > 500
+
+
+async def test_the_usage_explorer_renders_with_no_usage_one_group_and_many_and_refuses_bad_choices(
+        client: TestClient, pool: asyncpg.Pool) -> None:
+    await signed_in(client)
+    empty = await (await client.get("/console/usage")).text()
+    assert "No usage in this period." in empty
+    account_id = await make_account(pool, balance_micros=1_000_000)
+    await billed_request(pool, account_id, cost_micros=1_500, record={"model": "only/one"})
+    one = await (await client.get("/console/usage?metric=cost&group_by=model")).text()
+    assert rows(one, "usage") == 1 and "$0.001500" in one
+    for i in range(9):
+        await billed_request(pool, account_id, cost_micros=10 + i, record={"model": f"many/{i}"})
+    many = await (await client.get("/console/usage?metric=requests&group_by=model")).text()
+    assert rows(many, "usage") == 10
+    series = re.search(r'<script type="application/json" id="usage-data">(.*?)</script>', many, re.S)
+    assert series is not None and [s["label"] for s in json.loads(series[1])["series"]][-1] == "other"
+    by_account = await (await client.get(f"/console/usage?metric=cost&group_by=account&account={account_id}")).text()
+    assert f'href="/console/accounts/{account_id}"' in by_account and "$0.001626" in by_account
+    for query, param in (("metric=bogus", "metric"), ("group_by=bogus", "group_by"), ("from=2026-13-01", "from"),
+                         ("from=2026-03-02&to=2026-03-01", "to"), ("from=1990-01-01&to=2026-01-01", "from")):
+        resp = await client.get(f"/console/usage?{query}")
+        assert resp.status == 400 and param in await resp.text(), query

@@ -57,7 +57,7 @@ async def console_middleware(request: web.Request, handler: signin.Handler) -> w
     try:
         response = await _guarded(request, handler)
     except ApiError as exc:
-        response = render_error(request, exc.status, exc.message, headers=exc.headers)
+        response = render_error(request, exc.status, exc.message, headers=exc.headers, param=exc.param)
     except DatabaseUnavailable:
         outage = database_unavailable()
         response = render_error(request, outage.status, outage.message, headers=outage.headers)

@@ -7,13 +7,18 @@ twice (a double click, a reload) credits once: the second answer is the first on
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from aiohttp import web
 
-from billing import accounts, keys, ledger, limits, overview, requests_log
+from billing import accounts, keys, ledger, limits, overview, reports, requests_log, rollups
 from billing.money import MAX_MICROS, usd_to_micros
+from gateway.console.charts import by_day, chart, period
 from gateway.console.common import int_field, render, see_other, text_field
 from gateway.errors import invalid
 from gateway.keys import CATALOG, KEY_STORE, POOL
@@ -23,11 +28,69 @@ LEDGER_PAGE = 50
 LOW_BALANCE_MICROS = 1_000_000  # an account with less than $1 available is listed as running low
 
 
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=UTC)
+
+
 async def home(request: web.Request) -> web.Response:
+    """The operator's overview for a period (default the last 30 days): revenue, top-ups, requests and errors per
+    day from the rollups, pending holds, accounts overdrawn or running low, flags to reconcile, the catalog."""
     pool = request.config_dict[POOL]
+    start, end = period(request)
     figures = await overview.overview(pool, low_balance_micros=LOW_BALANCE_MICROS)
-    return render(request, "overview.html", {"figures": figures, "catalog": request.config_dict[CATALOG].status(),
-                                             "low_balance_micros": LOW_BALANCE_MICROS})
+    days = await rollups.daily(pool, start=start, end=end)
+    flag_counts, _ = await reports.flags(pool, start=_midnight(start), end=_midnight(end), limit=0)
+    dates = [d["day"] for d in days]
+    return render(request, "overview.html", {
+        "figures": figures, "catalog": request.config_dict[CATALOG].status(),
+        "low_balance_micros": LOW_BALANCE_MICROS, "start": start, "last": end - timedelta(days=1),
+        "totals": {name: sum(d[name] for d in days) for name in ("cost_micros", "topup_micros", "requests", "errors")},
+        "flags": sum(flag_counts.values()),
+        "money_chart": chart(dates, {"Revenue": [d["cost_micros"] for d in days],
+                                     "Top-ups": [d["topup_micros"] for d in days]}, unit="micros"),
+        "count_chart": chart(dates, {"Requests": [d["requests"] for d in days],
+                                     "Errors": [d["errors"] for d in days]}, unit="count"),
+    })
+
+
+async def usage_explorer(request: web.Request) -> web.StreamResponse:
+    """A metric over time grouped by model, key, account, modality or day: a chart of the largest groups, a table
+    of every group's total, and the same as CSV (`format=csv`)."""
+    metric = request.query.get("metric") or "cost"
+    group_by = request.query.get("group_by") or "model"
+    if metric not in rollups.METRICS:
+        raise invalid(f"metric must be one of {', '.join(rollups.METRICS)}", "metric")
+    if group_by not in rollups.GROUPS:
+        raise invalid(f"group_by must be one of {', '.join(rollups.GROUPS)}", "group_by")
+    account = (request.query.get("account") or "").strip()[:200] or None
+    start, end = period(request)
+    pool = request.config_dict[POOL]
+    if request.query.get("format") == "csv":
+        rows = await rollups.explore_rows(pool, metric=metric, group_by=group_by, start=start, end=end,
+                                          account_id=account)
+        return _csv(f"usage-{metric}-by-{group_by}-{start}-{end - timedelta(days=1)}.csv",
+                    ["day", group_by, metric + ("_micros" if metric == "cost" else "")],
+                    ([str(r["day"]), r["grp"], r["value"]] for r in rows))
+    explored = await rollups.explore(pool, metric=metric, group_by=group_by, start=start, end=end,
+                                     account_id=account)
+    dates = [start + timedelta(days=i) for i in range((end - start).days)]
+    series = by_day(explored.series, dates)
+    totals = explored.totals
+    return render(request, "usage.html", {
+        "metric": metric, "group_by": group_by, "account": account or "", "start": start,
+        "last": end - timedelta(days=1), "totals": totals, "grand_total": sum(value for _, value in totals),
+        "metrics": list(rollups.METRICS), "groups": list(rollups.GROUPS),
+        "usage_chart": chart(dates, series, unit="micros" if metric == "cost" else "count"),
+    })
+
+
+def _csv(filename: str, header: list[str], rows: Iterable[list[Any]]) -> web.Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return web.Response(text=out.getvalue(), content_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 async def account_list(request: web.Request) -> web.Response:
@@ -144,6 +207,7 @@ async def key_revoke(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("", home)
     app.router.add_get("/", home)
+    app.router.add_get("/usage", usage_explorer)
     app.router.add_get("/accounts", account_list)
     app.router.add_post("/accounts", account_create)
     app.router.add_get("/accounts/{account_id}", account_page)

@@ -49,9 +49,9 @@ def see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
-def render_error(request: web.Request, status: int, message: str, *,
-                 headers: Mapping[str, str] | None = None) -> web.Response:
-    response = render(request, "error.html", {"status": status, "message": message}, status=status)
+def render_error(request: web.Request, status: int, message: str, *, headers: Mapping[str, str] | None = None,
+                 param: str | None = None) -> web.Response:
+    response = render(request, "error.html", {"status": status, "message": message, "param": param}, status=status)
     if headers:
         response.headers.update(headers)
     return response

@@ -4,9 +4,12 @@ from the URL, so no other account can be reached from here."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from aiohttp import web
 
-from billing import accounts, limits, requests_log
+from billing import accounts, limits, requests_log, rollups
+from gateway.console.charts import chart, period
 from gateway.console.common import SESSION, render
 from gateway.keys import POOL
 
@@ -17,7 +20,11 @@ async def me(request: web.Request) -> web.Response:
     pool = request.config_dict[POOL]
     page = await requests_log.list_requests(pool, requests_log.RequestFilter(account_id=session.account_id),
                                             limit=50)
+    start, end = period(request)
+    days = await rollups.daily(pool, start=start, end=end, account_id=session.account_id)
     return render(request, "me.html", {
+        "start": start, "last": end - timedelta(days=1),
+        "spend_chart": chart([d["day"] for d in days], {"Spend": [d["cost_micros"] for d in days]}, unit="micros"),
         "account": await accounts.get_account(pool, session.account_id),
         "key": await limits.key_status(pool, session.key_id),
         "requests": page.records,
