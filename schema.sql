@@ -365,8 +365,6 @@ CREATE OR REPLACE FUNCTION meterline_record(
     p_request_id text, p_hold holds, p_billing_status text, p_cost bigint, p_estimated boolean,
     p_overrun bigint, p_record jsonb
 ) RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-    r requests;
 BEGIN
     IF p_record IS NULL THEN
         RETURN;
@@ -383,16 +381,18 @@ BEGIN
             (p_record->>'quantity')::bigint, p_hold.amount_micros, p_cost,
             (p_record->>'upstream_cost_micros')::bigint, p_estimated, p_overrun,
             NULLIF(p_record->'usage', 'null'::jsonb), (p_record->>'duration_ms')::integer, p_hold.created_at)
-    ON CONFLICT (id) DO NOTHING
-    RETURNING * INTO r;
-    IF NOT FOUND THEN
+    ON CONFLICT (id) DO NOTHING;
+    IF NOT FOUND THEN  -- recorded already: counted already
         RETURN;
     END IF;
+    -- The record's finished_at is now(), as is its transfer's created_at: the day is theirs.
     INSERT INTO usage_daily AS u (day, account_id, key_id, model, modality, requests, errors, prompt_tokens,
                                   completion_tokens, cost_micros)
-    VALUES ((r.finished_at AT TIME ZONE 'UTC')::date, r.account_id, COALESCE(r.key_id, ''), COALESCE(r.model, ''),
-            COALESCE(r.modality, ''), 1, (r.status = 'upstream_failure')::integer, COALESCE(r.prompt_tokens, 0),
-            COALESCE(r.completion_tokens, 0), r.cost_micros)
+    VALUES ((now() AT TIME ZONE 'UTC')::date, p_hold.account_id, COALESCE(p_hold.key_id, ''),
+            COALESCE(p_record->>'model', ''), COALESCE(p_record->>'modality', ''), 1,
+            (COALESCE(p_record->>'status', 'completed') = 'upstream_failure')::integer,
+            COALESCE((p_record->>'prompt_tokens')::bigint, 0), COALESCE((p_record->>'completion_tokens')::bigint, 0),
+            p_cost)
     ON CONFLICT (day, account_id, key_id, model, modality) DO UPDATE
        SET requests = u.requests + 1, errors = u.errors + EXCLUDED.errors,
            prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import meterline
-from billing import db
+from billing import db, schema
 
 RECORD = {"model": "bench-model", "modality": "text", "endpoint": "/v1/chat/completions", "upstream": "openrouter",
           "user": None, "prompt_tokens": 250, "completion_tokens": 16, "cached_tokens": 0, "reasoning_tokens": 0,
@@ -45,7 +45,7 @@ _SETTLE_PARTS = {
 }
 
 
-async def _setup(url: str, schema: str) -> list[tuple[str, str]]:
+async def _setup(url: str, schema_sql: str) -> list[tuple[str, str]]:
     conn = await db.connect(url)
     try:
         await schema.migrate(conn)
@@ -55,8 +55,8 @@ async def _setup(url: str, schema: str) -> list[tuple[str, str]]:
         await conn.execute(
             "INSERT INTO api_keys (id, account_id, prefix, digest) SELECT 'sqlbk_' || i, 'sqlb_' || i, 'ml-', "
             "sha256(('sqlb-' || i)::bytea) FROM generate_series(1, $1) i ON CONFLICT DO NOTHING", ACCOUNTS)
-        start = schema.index("CREATE OR REPLACE FUNCTION meterline_settle(")
-        settle = schema[start:schema.index("END $$;", start) + len("END $$;")]
+        start = schema_sql.index("CREATE OR REPLACE FUNCTION meterline_settle(")
+        settle = schema_sql[start:schema_sql.index("END $$;", start) + len("END $$;")]
         for n, pattern in enumerate(_SETTLE_PARTS.values()):
             variant, found = re.subn(pattern, "", settle, flags=re.S)
             if found != 1:
