@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,9 +92,12 @@ _REQUESTS_SQL = """
      ORDER BY created_at, id
 """
 
+# The USD columns of a ledger row and the micros columns they are derived from.
+LEDGER_USD = {"amount_usd": "amount_micros"}
+
 # For each kind: the query, its columns, and the USD columns derived from micros columns.
 _SOURCES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
-    "ledger": (_LEDGER_SQL, LEDGER_COLUMNS, {"amount_usd": "amount_micros"}),
+    "ledger": (_LEDGER_SQL, LEDGER_COLUMNS, LEDGER_USD),
     "requests": (_REQUESTS_SQL, REQUEST_COLUMNS,
                  {"cost_usd": "cost_micros", "upstream_cost_usd": "upstream_cost_micros"}),
 }
@@ -124,12 +128,15 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def csv_renderer(columns: dict[str, str], usd: dict[str, str]) -> Callable[[list[asyncpg.Record]], str]:
+def csv_renderer(columns: dict[str, str], usd: dict[str, str], *,
+                 lead: Sequence[str] = ()) -> Callable[[list[asyncpg.Record]], str]:
+    """CSV rows (no header) for batches of records; `lead` cells go before each row's own (a statement marks its
+    ledger rows with a section)."""
     def render(batch: list[asyncpg.Record]) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         for row in batch:
-            writer.writerow([_csv_cell(v) for v in _row_values(row, columns, usd)])
+            writer.writerow([*lead, *(_csv_cell(v) for v in _row_values(row, columns, usd))])
         return out.getvalue()
 
     return render
@@ -173,11 +180,30 @@ async def export_chunks(
     contextlib.aclosing, so an abandoned export ends its transaction).
     """
     check(kind, fmt, start, end)
-    query, columns, usd = _SOURCES[kind]
+    _, columns, usd = _SOURCES[kind]
     render = (csv_renderer if fmt == "csv" else jsonl_renderer)(columns, usd)
     if fmt == "csv":
         yield ",".join(columns) + "\n", 0
+    batches = export_batches(conn, kind, start=start, end=end, account_id=account_id, batch_size=batch_size)
+    async with aclosing(batches):
+        async for batch in batches:
+            yield render(batch), len(batch)
+
+
+async def export_batches(
+    conn: asyncpg.Connection,
+    kind: str,
+    *,
+    start: datetime,
+    end: datetime,
+    account_id: str | None = None,
+    batch_size: int = 2_000,
+) -> AsyncGenerator[list[asyncpg.Record], None]:
+    """The rows of `kind` for [start, end), a batch at a time, from a server-side cursor in a REPEATABLE READ
+    read-only transaction. Inside a caller's transaction it is a savepoint of it, so the rows come from the
+    caller's snapshot (how a statement's lines agree with its totals). Close it with contextlib.aclosing."""
+    query, _, _ = _SOURCES[kind]
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         cursor = await conn.cursor(query, start, end, account_id)
         while batch := await cursor.fetch(batch_size):
-            yield render(batch), len(batch)
+            yield batch

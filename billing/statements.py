@@ -10,23 +10,31 @@ REPEATABLE READ snapshot, and a transfer belongs to the period by its `created_a
     closing_balance = Σ signed amounts created before `to`
 
 Held at close: holds made before `to` that were still pending at `to` (resolved at or after it, or not yet).
+
+`statement_csv_chunks` streams a statement a reader can tie out line by line: the figures above around every
+transfer of the period, as the ledger export writes it, all from one snapshot.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from billing import exports
 from billing.accounts import get_account
 from billing.db import Executor
 from billing.errors import InvalidAmount
 from billing.money import format_usd
 
 CSV_COLUMNS = ("section", "kind", "model", "modality", "count", "amount_micros", "amount_usd")
+# The streamed statement: a section, then the ledger export's columns (exports.LEDGER_COLUMNS).
+LINES_CSV_COLUMNS = ("section", *exports.LEDGER_COLUMNS)
 
 
 async def statement(conn: Executor, *, account_id: str, start: datetime, end: datetime) -> dict[str, Any]:
@@ -39,6 +47,83 @@ async def statement(conn: Executor, *, account_id: str, start: datetime, end: da
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await get_account(conn, account_id)
         return await _read(conn, account_id, start, end)
+
+
+async def statement_lines(conn: Executor, *, account_id: str, start: datetime, end: datetime, limit: int,
+                          after_id: int | None = None) -> list[dict[str, Any]]:
+    """Up to `limit` of the account's transfers created in [start, end), in the statement's order (created_at,
+    then id, as the ledger export), signed from the customer's side, with the balance after each; after the
+    transfer `after_id` when given (an id that is not the account's gives no lines)."""
+    rows = await conn.fetch(
+        """
+        SELECT id, kind, request_id, description, created_at, estimated, overrun_micros,
+               CASE WHEN credit_account_id = account_id THEN amount_micros ELSE -amount_micros END AS amount_micros,
+               balance_after_micros
+          FROM transfers
+         WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
+           AND ($4::bigint IS NULL
+                OR (created_at, id) > (SELECT created_at, id FROM transfers WHERE id = $4 AND account_id = $1))
+         ORDER BY created_at, id
+         LIMIT $5
+        """,
+        account_id, start, end, after_id, limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def statement_csv_chunks(conn: asyncpg.Connection, *, account_id: str, start: datetime, end: datetime,
+                               batch_size: int = 2_000) -> AsyncGenerator[str, None]:
+    """The statement as CSV text, chunk by chunk (LINES_CSV_COLUMNS):
+
+        opening_balance   amount and balance after = the opening balance, created_at = from
+        line              one per transfer of the period, exactly as the ledger export writes it: the signed
+                          amount (credits +, debits -) and the balance after it
+        credits_total     the credits (positive), debits_total the debits (positive), as `statement` states them
+        closing_balance   amount and balance after = the closing balance, created_at = to
+        held_at_close     holds pending at `to` (the description says how many)
+
+    so opening + credits_total - debits_total = closing_balance, and opening + the lines' amounts = closing.
+    Everything is read in one REPEATABLE READ snapshot, so the file ties out whatever is posted while it streams,
+    and only one batch of lines is in memory. The first chunk (the header and the opening) comes after the
+    account and the figures are read: an unknown account or a bad period raises before anything is yielded.
+    Close it with contextlib.aclosing.
+    """
+    if end <= start:
+        raise InvalidAmount("the statement period must end after it starts (to > from)")
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await get_account(conn, account_id)
+        stmt = await _read(conn, account_id, start, end)
+
+        def summary(section: str, amount: int, *, when: datetime | None = None, balance: bool = False,
+                    description: str = "") -> list[Any]:
+            cells: dict[str, Any] = {
+                "section": section, "created_at": exports.iso_utc(when) if when else "", "account_id": account_id,
+                "amount_micros": amount, "amount_usd": format_usd(amount),
+                "balance_after_micros": amount if balance else "", "description": description,
+            }
+            return [cells.get(name, "") for name in LINES_CSV_COLUMNS]
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(LINES_CSV_COLUMNS)
+        writer.writerow(summary("opening_balance", stmt["opening_balance_micros"], when=start, balance=True,
+                                description="balance at the start of the period"))
+        yield out.getvalue()
+        render = exports.csv_renderer(exports.LEDGER_COLUMNS, exports.LEDGER_USD, lead=("line",))
+        batches = exports.export_batches(conn, "ledger", start=start, end=end, account_id=account_id,
+                                         batch_size=batch_size)
+        async with aclosing(batches):
+            async for batch in batches:
+                yield render(batch)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(summary("credits_total", stmt["credits_micros"], description="credits in the period"))
+        writer.writerow(summary("debits_total", stmt["debits_micros"], description="debits in the period"))
+        writer.writerow(summary("closing_balance", stmt["closing_balance_micros"], when=end, balance=True,
+                                description="balance at the end of the period"))
+        writer.writerow(summary("held_at_close", stmt["held_at_close_micros"], when=end,
+                                description=f"{stmt['holds_at_close']} holds pending at the end of the period"))
+        yield out.getvalue()
 
 
 async def _read(conn: asyncpg.Connection, account_id: str, start: datetime, end: datetime) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from billing import console as sessions
 from billing.errors import BillingError, DatabaseUnavailable
-from gateway.console import admin_pages, customer_pages, signin
+from gateway.console import admin_pages, customer_pages, finance_pages, signin
 from gateway.console.common import (
     COOKIE,
     SESSION,
@@ -111,5 +111,6 @@ def console_app() -> web.Application:
     app.router.add_static("/static", STATIC, name="static")
     signin.add_routes(app)
     admin_pages.add_routes(app)
+    finance_pages.add_routes(app)
     customer_pages.add_routes(app)
     return app
