@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,25 @@ async def test_the_usage_chart_draws_the_days_and_the_table_and_csv_tie_out(
     lines = list(csv.reader(io.StringIO(text)))
     assert lines[0] == ["day", "model", "cost_micros"]
     assert sum(int(row[2]) for row in lines[1:]) == 33_006 and len(lines) == 3
+
+
+async def test_a_customer_deletes_a_memory_and_a_conversation_with_their_buttons(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    account_id, secret = await make_customer(pool, detailed_logging=True)
+    key_id = await pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account_id)
+    conversation = str(uuid.uuid4())
+    turns = [{"role": "user", "message": {"role": "user", "content": "my dog is Biscuit"}, "tokens": 9},
+             {"role": "assistant", "message": {"role": "assistant", "content": "noted"}, "tokens": 4}]
+    memory = {"id": str(uuid.uuid4()), "content": "User: my dog is Biscuit\nAssistant: noted", "tokens": 12}
+    await pool.execute("SELECT meterline_converse($1::uuid, $2, $3, true, 'm', 'req_b1', $4, $5, 'english')",
+                       conversation, account_id, key_id, turns, memory)
+    await sign_in(page, console_base, secret)
+    await page.click("text=Conversations")
+    await page.click(f"#memory-{memory['id']} button")
+    await page.wait_for_selector("p.notice")
+    assert await page.locator("#memories").count() == 0
+    assert await pool.fetchval("SELECT count(*) FROM memories") == 0
+    await page.click(f"#conversation-{conversation} button")
+    await page.wait_for_selector("p.notice")
+    assert await page.locator("#conversations").count() == 0
+    assert await pool.fetchval("SELECT count(*) FROM conversation_turns") == 0

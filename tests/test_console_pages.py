@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any
 
 import asyncpg
@@ -51,7 +52,7 @@ async def test_every_admin_page_renders_with_no_rows_one_row_and_many(client: Te
     await make_key(pool, account_id)
     await billed_request(pool, account_id, cost_micros=700)
     one = await (await client.get(f"/console/accounts/{account_id}")).text()
-    assert (rows(one, "keys"), rows(one, "ledger")) == (1, 2)
+    assert (one.count('<tr id="key-'), rows(one, "ledger")) == (1, 2)
     assert "$0.499300" in one  # 0.5 USD less 700 micros, to the micro
     listed = await (await client.get("/console/accounts")).text()
     assert rows(listed, "accounts") == 1
@@ -160,3 +161,68 @@ async def test_the_usage_explorer_renders_with_no_usage_one_group_and_many_and_r
                          ("from=2026-03-02&to=2026-03-01", "to"), ("from=1990-01-01&to=2026-01-01", "from")):
         resp = await client.get(f"/console/usage?{query}")
         assert resp.status == 400 and param in await resp.text(), query
+
+
+async def test_an_admin_edits_a_keys_limits_and_a_blank_limit_clears_it(client: TestClient,
+                                                                       pool: asyncpg.Pool) -> None:
+    account_id = await make_account(pool)
+    await make_key(pool, account_id)
+    key_id = await pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account_id)
+    csrf = await signed_in(client)
+    form = {"csrf": csrf, "limit_usd": "2.50", "limit_reset": "weekly", "rpm_limit": "60", "rpd_limit": "",
+            "detailed_logging": "on"}
+    resp = await client.post(f"/console/keys/{key_id}/settings", data=form, allow_redirects=False)
+    assert resp.status == 303
+    row = await pool.fetchrow("SELECT limit_micros, limit_reset, rpm_limit, rpd_limit, detailed_logging"
+                              " FROM api_keys WHERE id = $1", key_id)
+    assert tuple(row) == (2_500_000, "weekly", 60, None, True)
+    page = await (await client.get(resp.headers["Location"])).text()
+    assert "Saved the key" in page and 'value="2.500000"' in page
+    cleared = {"csrf": csrf, "limit_usd": "", "limit_reset": "", "rpm_limit": "", "rpd_limit": ""}
+    await client.post(f"/console/keys/{key_id}/settings", data=cleared, allow_redirects=False)
+    row = await pool.fetchrow("SELECT limit_micros, limit_reset, rpm_limit, rpd_limit, detailed_logging"
+                              " FROM api_keys WHERE id = $1", key_id)
+    assert tuple(row) == (None, None, None, None, False)
+    for bad, field in (({"rpm_limit": "5000"}, "rpm_limit"), ({"limit_usd": "1.0000001"}, "amount"),
+                       ({"limit_reset": "hourly"}, "limit_reset")):
+        resp = await client.post(f"/console/keys/{key_id}/settings", data={"csrf": csrf, **bad})
+        assert resp.status == 400 and field in await resp.text()
+
+
+async def _conversation(pool: asyncpg.Pool, account_id: str, key_id: str, text: str) -> str:
+    """A stored conversation with one exchange, learned as a memory, as meterline_converse stores one."""
+    conversation = str(uuid.uuid4())
+    turns = [{"role": "user", "message": {"role": "user", "content": text}, "tokens": 9},
+             {"role": "assistant", "message": {"role": "assistant", "content": "noted"}, "tokens": 4}]
+    memory = {"id": str(uuid.uuid4()), "content": f"User: {text}\nAssistant: noted", "tokens": 12}
+    await pool.execute("SELECT meterline_converse($1::uuid, $2, $3, true, 'm', $4, $5, $6, 'english')",
+                       conversation, account_id, key_id, f"req_{conversation[:8]}", turns, memory)
+    return conversation
+
+
+async def test_a_customer_reads_and_deletes_only_its_own_keys_conversations_and_memories(
+        client: TestClient, pool: asyncpg.Pool) -> None:
+    account_id, secret = await make_customer(pool, detailed_logging=True)
+    await make_key(pool, account_id, detailed_logging=True)  # a sibling key of the same account
+    mine_key, theirs_key = [r["id"] for r in await pool.fetch(
+        "SELECT id FROM api_keys WHERE account_id = $1 ORDER BY created_at", account_id)]
+    mine = await _conversation(pool, account_id, mine_key, "my cat is Pepper")
+    theirs = await _conversation(pool, account_id, theirs_key, "the sibling key's secret plan")
+    csrf = await signed_in(client, secret)
+    listing = await (await client.get("/console/me/conversations")).text()
+    assert rows(listing, "conversations") == 1 and mine in listing and theirs not in listing
+    assert rows(listing, "memories") == 1 and "Pepper" in listing and "secret plan" not in listing
+    shown = await (await client.get(f"/console/me/conversations/{mine}")).text()
+    assert "my cat is Pepper" in shown and "noted" in shown
+    assert (await client.get(f"/console/me/conversations/{theirs}")).status == 404
+    assert (await client.post(f"/console/me/conversations/{theirs}/delete", data={"csrf": csrf})).status == 404
+    memory_id = await pool.fetchval("SELECT id FROM memories WHERE conversation_id = $1::uuid", mine)
+    resp = await client.post(f"/console/me/memories/{memory_id}/delete", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303 and await pool.fetchval("SELECT count(*) FROM memories WHERE id = $1", memory_id) == 0
+    resp = await client.post(f"/console/me/conversations/{mine}/delete", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303
+    assert await pool.fetchval("SELECT count(*) FROM conversations WHERE id = $1::uuid", mine) == 0
+    await _conversation(pool, account_id, mine_key, "another")
+    await client.post("/console/me/memories/delete", data={"csrf": csrf})
+    assert await pool.fetchval("SELECT count(*) FROM memories WHERE key_id = $1", mine_key) == 0
+    assert await pool.fetchval("SELECT count(*) FROM memories WHERE key_id = $1", theirs_key) == 1

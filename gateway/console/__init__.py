@@ -70,6 +70,10 @@ async def console_middleware(request: web.Request, handler: signin.Handler) -> w
         if exc.status < 400:
             raise
         response = render_error(request, exc.status, exc.reason)
+    except Exception:
+        # As the API's error middleware does: logged with its traceback, the browser told nothing more.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = render_error(request, 500, "Internal error")
     if not request.path.startswith("/console/static/"):
         response.headers.update(_HEADERS)
     return response

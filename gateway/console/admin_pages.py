@@ -129,6 +129,7 @@ async def _account_context(request: web.Request, account_id: str) -> dict[str, A
         # A fresh Idempotency-Key per rendered form: the same form posted twice moves money once.
         "topup_key": f"console-{uuid.uuid4()}", "adjustment_key": f"console-{uuid.uuid4()}",
         "posted": request.query.get("posted"), "replayed": request.query.get("replayed") == "1",
+        "updated": request.query.get("updated"),
         "new_key": None,
     }
 
@@ -170,26 +171,46 @@ async def adjustment(request: web.Request) -> web.Response:
     return await _post(request, kind="adjustment")
 
 
-async def key_create(request: web.Request) -> web.Response:
-    """Mint a key; its secret is shown on this answer only (a reload does not show it again: the answer is not
-    cached, and posting the form again makes another key)."""
-    account_id = request.match_info["account_id"]
-    form = await request.post()
+def _limit_changes(form: Any, *, blank_clears: bool) -> dict[str, Any]:
+    """The limit fields of a key form. Creating, a blank field sets nothing; editing, it clears that limit."""
     changes: dict[str, Any] = {}
     limit_usd = text_field(form, "limit_usd", max_length=32)
     if limit_usd is not None:
         changes["limit_micros"] = usd_to_micros(limit_usd)
         if not 0 <= changes["limit_micros"] <= MAX_MICROS:
             raise invalid("limit_usd must be zero or more", "limit_usd")
+    elif blank_clears:
+        changes["limit_micros"] = None
     reset = text_field(form, "limit_reset", max_length=16)
     if reset is not None:
         if reset not in limits.RESETS:
             raise invalid("limit_reset must be daily, weekly or monthly", "limit_reset")
         changes["limit_reset"] = reset
+    elif blank_clears:
+        changes["limit_reset"] = None
     for name, (low, high) in (("rpm_limit", limits.RPM_RANGE), ("rpd_limit", limits.RPD_RANGE)):
         value = int_field(form, name, low=low, high=high)
-        if value is not None:
+        if value is not None or blank_clears:
             changes[name] = value
+    return changes
+
+
+async def key_update(request: web.Request) -> web.Response:
+    """A key's limits and Detailed Logging, as PATCH /admin/keys/{id} sets them (a blank limit is no limit)."""
+    form = await request.post()
+    row = await limits.update_key(request.config_dict[POOL], request.match_info["key_id"],
+                                  _limit_changes(form, blank_clears=True),
+                                  detailed_logging=form.get("detailed_logging") == "on")
+    request.config_dict[KEY_STORE].forget()
+    return see_other(f"/console/accounts/{row['account_id']}?updated={row['id']}")
+
+
+async def key_create(request: web.Request) -> web.Response:
+    """Mint a key; its secret is shown on this answer only (a reload does not show it again: the answer is not
+    cached, and posting the form again makes another key)."""
+    account_id = request.match_info["account_id"]
+    form = await request.post()
+    changes = _limit_changes(form, blank_clears=False)
     row, secret = await limits.create_key(request.config_dict[POOL], account_id=account_id,
                                           name=text_field(form, "name", max_length=200),
                                           detailed_logging=form.get("detailed_logging") == "on", changes=changes)
@@ -215,3 +236,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/accounts/{account_id}/adjustments", adjustment)
     app.router.add_post("/accounts/{account_id}/keys", key_create)
     app.router.add_post("/keys/{key_id}/revoke", key_revoke)
+    app.router.add_post("/keys/{key_id}/settings", key_update)
