@@ -41,6 +41,7 @@ async def billed_request(
     key_id: str | None = None,
     hold_micros: int = 1_000,
     cost_micros: int | None = 500,
+    estimated: bool = False,
     record: dict[str, Any] | None = None,
 ) -> str:
     """A request held and then settled for `cost_micros` (None: voided), with a request record, exactly as the
@@ -52,5 +53,6 @@ async def billed_request(
     if cost_micros is None:
         await ledger.void(conn, request_id=rid, reason="test void", record={"status": "cancelled", **fields})
     else:
-        await ledger.settle(conn, request_id=rid, actual_micros=cost_micros, record=fields)
+        await ledger.settle(conn, request_id=rid, actual_micros=cost_micros, estimated=estimated, record=fields)
     return rid
+
