@@ -1,6 +1,6 @@
-"""The admin console's request log and request record over HTTP: the log renders with no rows, one and many and
-pages through every record once; URL filters narrow exactly and survive paging; the totals are the shown costs'
-sum to the micro; a value that cannot be a filter is a 400 naming it, and no value at all answers 500."""
+"""The admin console's request log, request record and video jobs over HTTP: each renders with no rows, one and
+many and pages through every row once; URL filters narrow exactly and survive paging; the totals are the shown
+costs' sum to the micro; a value that cannot be a filter is a 400 naming it, and no value at all answers 500."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 
 from billing.money import format_usd
 from tests.console_support import money
-from tests.factories import billed_request, make_account, make_customer, make_key
+from tests.factories import billed_request, make_account, make_customer, make_key, make_video
 from tests.test_console_pages import rows, signed_in
 
 REQUEST_FILTERS = ("from", "to", "account", "key", "model", "modality", "status", "estimated", "overrun", "cursor")
+VIDEO_FILTERS = ("status", "account", "cursor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +278,62 @@ async def test_a_request_page_shows_its_whole_record_its_hold_and_its_charge(cli
         assert resp.status == 404 and "There is no request with that id" in await resp.text(), unknown
 
 
+async def test_the_video_jobs_render_with_no_rows_one_row_and_many_filtered_by_status_and_account(
+        client: TestClient, pool: asyncpg.Pool) -> None:
+    await signed_in(client)
+    assert "No video jobs yet." in await (await client.get("/console/videos")).text()
+
+    first = await make_account(pool, balance_micros=500_000_000)
+    done = await make_video(pool, first, price_micros=1_600_000, seconds=16, status="completed")
+    page = await (await client.get("/console/videos")).text()
+    assert listing(page, "videos").ids == [done] and rows(page, "videos") == 1
+    job = await pool.fetchrow("SELECT request_id FROM videos WHERE id = $1", done)
+    for shown in ("completed", f'href="/console/accounts/{first}"', "test-video", "1280x720", '<td class="num">16</td>',
+                  '<td class="num">$1.600000</td><td class="num">$1.600000</td>',
+                  f'<a href="/console/requests/{job["request_id"]}">'):
+        assert shown in page, shown
+    assert "Next page" not in page
+
+    second = await make_account(pool, balance_micros=500_000_000)
+    made: dict[str, tuple[str, str]] = {done: (first, "completed")}
+    statuses = ("queued", "in_progress", "completed", "failed")
+    for i in range(63):
+        account, status = (first, second)[i % 2], statuses[i % 4]
+        made[await make_video(pool, account, price_micros=100_000 + i, status=status)] = (account, status)
+    pages = await walk(client, "/console/videos", "videos")
+    assert [len(p.ids) for p in pages] == [50, 14]
+    assert [vid for p in pages for vid in p.ids] == await newest_first(pool, "videos")
+
+    for query, want in (({"status": "failed"}, {v for v, (_, s) in made.items() if s == "failed"}),
+                        ({"account": second}, {v for v, (a, _) in made.items() if a == second}),
+                        ({"account": first, "status": "completed"},
+                         {v for v, (a, s) in made.items() if (a, s) == (first, "completed")}),
+                        ({"account": second, "status": "queued"}, set())):
+        path = "/console/videos?" + "&".join(f"{k}={v}" for k, v in query.items())
+        pages = await walk(client, path, "videos")
+        shown = [vid for p in pages for vid in p.ids]
+        assert len(shown) == len(want) and set(shown) == want, query
+    failed = await (await client.get("/console/videos?status=failed")).text()
+    assert failed.count('<span class="flag">upstream_failed</span>') == len(
+        [v for v, (_, s) in made.items() if s == "failed"])
+    running = await (await client.get("/console/videos?status=in_progress")).text()
+    assert "in_progress 40%" in running and 'href="/console/requests/' not in running  # no record yet
+
+
+async def test_the_next_video_page_keeps_the_filters(client: TestClient, pool: asyncpg.Pool) -> None:
+    account, other = [await make_account(pool, balance_micros=500_000_000) for _ in range(2)]
+    for i in range(120):
+        await make_video(pool, other if i % 3 == 0 else account, price_micros=1_000,
+                         status="completed" if i % 2 else "queued")
+    await signed_in(client)
+    pages = await walk(client, f"/console/videos?status=completed&account={account}", "videos")
+    assert [len(p.ids) for p in pages] == [40]
+    pages = await walk(client, f"/console/videos?account={account}", "videos")
+    assert [len(p.ids) for p in pages] == [50, 30]
+    assert pages[0].next_href is not None and f"account={account}" in pages[0].next_href
+    assert [vid for p in pages for vid in p.ids] == await newest_first(pool, "videos", account)
+
+
 BAD_QUERIES = [
     ("/console/requests", "from", "2026-13-01"),
     ("/console/requests", "from", "yesterday"),
@@ -293,6 +350,9 @@ BAD_QUERIES = [
     ("/console/requests", "cursor", "not-a-cursor"),
     ("/console/requests", "cursor", "MjAyNi0wMy0wMVQwMDowMDowMCswMDowMHw"),  # a timestamp and an empty id
     ("/console/requests", "cursor", "c" * 401),
+    ("/console/videos", "status", "done"),
+    ("/console/videos", "account", "a" * 201),
+    ("/console/videos", "cursor", "@@@"),
 ]
 
 
@@ -312,23 +372,25 @@ async def test_a_period_that_ends_before_it_starts_is_a_400(client: TestClient, 
     assert resp.status == 400 and "to must be after from" in await resp.text()
 
 
-async def test_customers_cannot_reach_the_request_log_or_a_record(client: TestClient,
+async def test_customers_cannot_reach_the_request_log_a_record_or_the_videos(client: TestClient,
                                                                            pool: asyncpg.Pool) -> None:
     account, secret = await make_customer(pool, balance_micros=1_000_000)
     own = await billed_request(pool, account)
     await signed_in(client, secret)
-    for path in ("/console/requests", f"/console/requests/{own}", f"/console/requests?account={account}"):
+    for path in ("/console/requests", f"/console/requests/{own}", f"/console/requests?account={account}",
+                 "/console/videos"):
         resp = await client.get(path, allow_redirects=False)
         assert (resp.status, resp.headers.get("Location")) == (303, "/console/me"), path
     home = await (await client.get("/console/me")).text()
-    assert 'href="/console/requests"' not in home
+    assert 'href="/console/requests"' not in home and 'href="/console/videos"' not in home
 
 
-async def test_the_admin_navigation_links_the_request_log(client: TestClient,
+async def test_the_admin_navigation_links_the_request_log_and_the_videos(client: TestClient,
                                                                         pool: asyncpg.Pool) -> None:
     await signed_in(client)
     page = await (await client.get("/console/requests")).text()
     assert '<a href="/console/requests" aria-current="page">Requests</a>' in page
+    assert '<a href="/console/videos">Videos</a>' in page
 
 
 _SOME_VALUES = st.one_of(
@@ -345,9 +407,11 @@ async def test_no_filter_value_makes_a_page_answer_500(client: TestClient, pool:
                                                        query: dict[str, str], record_id: str) -> None:
     if not client.session.cookie_jar.filter_cookies(client.make_url("/console")).get("meterline_console"):
         await signed_in(client)
-    resp = await client.get("/console/requests", params=query)
-    assert resp.status in (200, 400), (query, resp.status)
-    assert "Traceback" not in await resp.text()
+    videos = {k: v for k, v in query.items() if k in VIDEO_FILTERS}
+    for path, params in (("/console/requests", query), ("/console/videos", videos)):
+        resp = await client.get(path, params=params)
+        assert resp.status in (200, 400), (path, params, resp.status)
+        assert "Traceback" not in await resp.text()
     if record_id not in (".", ".."):  # dot segments: the URL would name another page, not a record
         resp = await client.get("/console/requests/" + quote(record_id, safe=""))
         assert resp.status in (400, 404), (record_id, resp.status)

@@ -1,5 +1,6 @@
-"""The admin console's request log: every account's requests filtered by the URL's query, with the count and cost
-of all that match, and one request's full record with its hold and charge. Pages read only, each through billing/.
+"""The admin console's request log and video jobs: every account's requests filtered by the URL's query, with the
+count and cost of all that match; one request's full record with its hold and charge; the video jobs. Pages read
+only, each through billing/.
 
 Filters live in the query string, so a filtered view is a link and its next page keeps them. A value that cannot
 be a filter (a bad date, an overlong text, a cursor no page gave) is a 400 naming its parameter.
@@ -15,7 +16,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from billing import requests_log
+from billing import requests_log, videos
 from gateway.console.common import render, text_field
 from gateway.errors import invalid, not_found
 from gateway.keys import POOL
@@ -114,6 +115,26 @@ async def request_page(request: web.Request) -> web.Response:
                                             "transfer": detail.transfer, "key": detail.key})
 
 
+async def video_list(request: web.Request) -> web.Response:
+    query = _query(request)
+    status = text_field(query, "status", max_length=MAX_FILTER)
+    if status is not None and status not in videos.STATUSES:
+        raise invalid(f"status must be one of {', '.join(videos.STATUSES)}", "status")
+    account_id = text_field(query, "account", max_length=MAX_FILTER)
+    cursor = _cursor(query)
+    try:
+        page = await videos.list_jobs(request.config_dict[POOL], account_id=account_id, status=status, limit=PAGE,
+                                      cursor=cursor)
+    except requests_log.InvalidCursor as exc:
+        raise invalid(str(exc), "cursor") from None
+    filters = {name: value for name, value in (("status", status), ("account", account_id)) if value}
+    return render(request, "videos.html", {
+        "videos": page.records, "filters": filters, "statuses": videos.STATUSES, "unfinished": videos.UNFINISHED,
+        "paged": cursor is not None, "next_href": _next_href("/console/videos", filters, page.next_cursor),
+    })
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/requests", request_log)
     app.router.add_get("/requests/{request_id}", request_page)
+    app.router.add_get("/videos", video_list)
