@@ -22,11 +22,13 @@ from billing.accounts import new_id
 from billing.db import Executor
 from billing.ledger import Reservation
 from billing.records import RequestRecord
+from billing.requests_log import Page, decode_cursor, encode_cursor
 
 if TYPE_CHECKING:
     from billing.holds import Hold
 
 UNFINISHED = ("queued", "in_progress")
+STATUSES = (*UNFINISHED, "completed", "failed")  # what the videos table's CHECK allows
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,38 @@ async def get(conn: Executor, video_id: str, *, account_id: str) -> dict[str, An
     """The job, if it belongs to the account (another account's job is indistinguishable from none)."""
     return _row(await conn.fetchrow("SELECT * FROM videos WHERE id = $1 AND account_id = $2",
                                     video_id, account_id))
+
+
+# What the admin console lists of a job: never its prompt or output, which are the customer's.
+_LISTED = """id, account_id, request_id, model, size, seconds, price_micros, cost_micros, status, progress,
+             error->>'code' AS error_code, created_at, completed_at"""
+
+
+async def list_jobs(conn: Executor, *, account_id: str | None, status: str | None, limit: int,
+                    cursor: str | None = None) -> Page:
+    """Up to `limit` jobs of any account (or of `account_id`), in `status` if given, newest first by
+    (created_at, id), after `cursor` (billing.requests_log's cursors: every job is listed once while paging).
+    Raises InvalidCursor for a cursor no page gave."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if account_id is not None:
+        args.append(account_id)
+        clauses.append(f"account_id = ${len(args)}")
+    if status is not None:
+        args.append(status)
+        clauses.append(f"status = ${len(args)}")
+    if cursor is not None:
+        args.extend(decode_cursor(cursor))
+        clauses.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+    # Only fixed text is interpolated (the columns and conditions); every value is a parameter.
+    rows = await conn.fetch(
+        f"SELECT {_LISTED} FROM videos WHERE {' AND '.join(clauses) or 'TRUE'}"
+        f" ORDER BY created_at DESC, id DESC LIMIT ${len(args) + 1}",
+        *args, limit + 1,
+    )
+    jobs = [dict(r) for r in rows[:limit]]
+    last = jobs[-1] if len(rows) > limit else None
+    return Page(jobs, encode_cursor(last["created_at"], last["id"]) if last else None)
 
 
 async def started(conn: Executor, video_id: str, *, upstream_id: str, status: str, progress: int,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from billing import accounts, keys, ledger
+import asyncpg
+
+from billing import accounts, keys, ledger, videos
 from billing.db import Executor
 
 
@@ -41,6 +43,7 @@ async def billed_request(
     key_id: str | None = None,
     hold_micros: int = 1_000,
     cost_micros: int | None = 500,
+    estimated: bool = False,
     record: dict[str, Any] | None = None,
 ) -> str:
     """A request held and then settled for `cost_micros` (None: voided), with a request record, exactly as the
@@ -52,5 +55,35 @@ async def billed_request(
     if cost_micros is None:
         await ledger.void(conn, request_id=rid, reason="test void", record={"status": "cancelled", **fields})
     else:
-        await ledger.settle(conn, request_id=rid, actual_micros=cost_micros, record=fields)
+        await ledger.settle(conn, request_id=rid, actual_micros=cost_micros, estimated=estimated, record=fields)
     return rid
+
+
+async def make_video(
+    pool: asyncpg.Pool,
+    account_id: str,
+    *,
+    model: str = "test-video",
+    size: str = "1280x720",
+    seconds: int = 8,
+    price_micros: int = 800_000,
+    status: str = "queued",
+) -> str:
+    """A video job held for `price_micros`, as POST /v1/videos stores it, then moved by billing.videos to `status`:
+    in_progress (started upstream, 40% done), completed (charged its price) or failed (voided); returns its id."""
+    assert status in videos.STATUSES, status
+    job = videos.NewVideo(request_id=request_id(), account_id=account_id, key_id=None, model=model,
+                          upstream="fake-media", endpoint="/v1/videos", prompt="a capybara", size=size,
+                          seconds=seconds, price_micros=price_micros)
+    row, _ = await videos.create_once(pool, job, idempotency=None, hold_ttl_seconds=3600, max_job_seconds=3600,
+                                      lease_owner="test", lease_seconds=60)
+    if status == "completed":
+        await videos.complete(pool, row["id"], output=None, record=videos.record(row, "completed"))
+    elif status == "failed":
+        await videos.fail(pool, row["id"], reason="the upstream failed the job",
+                          error={"code": "upstream_failed", "message": "the upstream failed the job"},
+                          record=videos.record(row, "upstream_failure", error_code="upstream_failed"))
+    elif status == "in_progress":
+        await videos.started(pool, row["id"], upstream_id=f"up_{row['id']}", status="in_progress", progress=40,
+                             output=None, owner="test", poll_seconds=60)
+    return str(row["id"])
