@@ -134,6 +134,15 @@ async def test_the_usage_chart_draws_the_days_and_the_table_and_csv_tie_out(
     assert lines[0] == ["day", "model", "cost_micros"]
     assert sum(int(row[2]) for row in lines[1:]) == 33_006 and len(lines) == 3
 
+    # The form swaps the page's content in place (htmx) and keeps its choices in the URL.
+    await page.evaluate("window.stayed = true")
+    await page.select_option("#usage-form select[name=metric]", "requests")
+    await page.click("#usage-form button")
+    await page.wait_for_url("**metric=requests**")
+    await page.wait_for_selector("#usage-chart[data-drawn=true]")
+    assert await page.evaluate("window.stayed") is True  # no new page was loaded
+    assert await page.inner_text("#usage-total") == "3"
+
 
 async def test_a_customer_deletes_a_memory_and_a_conversation_with_their_buttons(
         page: Any, console_base: str, pool: asyncpg.Pool) -> None:

@@ -1,6 +1,7 @@
 """The web console under /console: server-rendered pages (Jinja2 through aiohttp-jinja2) for admins and finance,
 and a read-only view for customers; htmx for partial updates and uPlot for charts, both vendored in `static/` with
-their licences. Pages read without JavaScript; charts need it.
+their licences. Pages read without JavaScript; charts need it. With it, a filter or period form swaps only the
+page's `<main>` (htmx `hx-get`, `hx-select`) and pushes its URL, so filters stay in the address bar either way.
 
 Sessions (billing.console): signing in with the admin token or an API key opens a session held in an HttpOnly,
 SameSite=Strict cookie (Secure over HTTPS) that expires; every POST carries the session's CSRF token, and the
