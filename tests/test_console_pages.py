@@ -217,12 +217,41 @@ async def test_a_customer_reads_and_deletes_only_its_own_keys_conversations_and_
     assert (await client.get(f"/console/me/conversations/{theirs}")).status == 404
     assert (await client.post(f"/console/me/conversations/{theirs}/delete", data={"csrf": csrf})).status == 404
     memory_id = await pool.fetchval("SELECT id FROM memories WHERE conversation_id = $1::uuid", mine)
-    resp = await client.post(f"/console/me/memories/{memory_id}/delete", data={"csrf": csrf}, allow_redirects=False)
+    resp = await client.post(f"/console/me/conversations/memories/{memory_id}/delete", data={"csrf": csrf},
+                             allow_redirects=False)
     assert resp.status == 303 and await pool.fetchval("SELECT count(*) FROM memories WHERE id = $1", memory_id) == 0
     resp = await client.post(f"/console/me/conversations/{mine}/delete", data={"csrf": csrf}, allow_redirects=False)
     assert resp.status == 303
     assert await pool.fetchval("SELECT count(*) FROM conversations WHERE id = $1::uuid", mine) == 0
     await _conversation(pool, account_id, mine_key, "another")
-    await client.post("/console/me/memories/delete", data={"csrf": csrf})
+    await client.post("/console/me/conversations/memories/delete", data={"csrf": csrf})
     assert await pool.fetchval("SELECT count(*) FROM memories WHERE key_id = $1", mine_key) == 0
     assert await pool.fetchval("SELECT count(*) FROM memories WHERE key_id = $1", theirs_key) == 1
+
+
+async def test_an_admin_reads_and_deletes_any_keys_conversations_narrowed_by_account_and_key(
+        client: TestClient, pool: asyncpg.Pool) -> None:
+    first, _ = await make_customer(pool, detailed_logging=True)
+    second, _ = await make_customer(pool, detailed_logging=True)
+    first_key = await pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", first)
+    second_key = await pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", second)
+    one = await _conversation(pool, first, first_key, "first account's words")
+    two = await _conversation(pool, second, second_key, "second account's words")
+    csrf = await signed_in(client)
+    everything = await (await client.get("/console/conversations")).text()
+    assert rows(everything, "conversations") == 2 and "Delete every memory" not in everything
+    narrowed = await (await client.get(f"/console/conversations?account={first}&key={first_key}")).text()
+    assert rows(narrowed, "conversations") == 1 and one in narrowed and two not in narrowed
+    assert "Delete every memory" in narrowed
+    shown = await (await client.get(f"/console/conversations/{two}")).text()
+    assert "second account&#39;s words" in shown
+    query = f"?account={first}&key={first_key}"
+    assert (await client.get(f"/console/conversations/{two}{query}")).status == 404  # outside the filter
+    resp = await client.post(f"/console/conversations/memories/delete{query}", data={"csrf": csrf},
+                             allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == f"/console/conversations{query}&deleted=memories"
+    assert [r["key_id"] for r in await pool.fetch("SELECT key_id FROM memories")] == [second_key]
+    resp = await client.post(f"/console/conversations/{two}/delete", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303
+    assert [str(r["id"]) for r in await pool.fetch("SELECT id FROM conversations")] == [one]
+    assert (await client.post("/console/conversations/memories/delete", data={"csrf": csrf})).status == 400

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from billing import console as sessions
 from billing.errors import BillingError, DatabaseUnavailable
-from gateway.console import admin_pages, customer_pages, finance_pages, requests_pages, signin
+from gateway.console import admin_pages, conversation_pages, customer_pages, finance_pages, requests_pages, signin
 from gateway.console.common import (
     COOKIE,
     SESSION,
@@ -119,4 +119,5 @@ def console_app() -> web.Application:
     finance_pages.add_routes(app)
     customer_pages.add_routes(app)
     requests_pages.add_routes(app)
+    conversation_pages.add_routes(app)
     return app
