@@ -27,6 +27,8 @@ from gateway import (
     server,
     usage,
     videos,
+    webhook_worker,
+    webhooks_api,
 )
 from gateway.errors import error_middleware
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
@@ -122,11 +124,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(tasks_ctx)  # after the pool and the session, so it is closed (drained) before them
     app.cleanup_ctx.append(models_api.catalog_ctx)  # after tasks_ctx: its refresh task
     app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after tasks_ctx: its polling task
+    app.cleanup_ctx.append(webhook_worker.webhook_worker_ctx)  # after tasks_ctx: its delivery loop
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     consumer.add_routes(app)
     chat.add_routes(app)
     conversations_api.add_routes(app)
+    webhooks_api.add_routes(app)
     usage.add_routes(app)
     images.add_routes(app)
     videos.add_routes(app)

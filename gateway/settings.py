@@ -114,6 +114,21 @@ class Settings(BaseSettings):
     console_session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
     console_signin_limit: int = Field(default=10, ge=1, le=1000)
     console_signin_window_seconds: int = Field(default=900, ge=10, le=86_400)
+    # Webhooks (issue 13): the retry schedule (seconds after each failed attempt; Standard Webhooks' by default),
+    # the time an attempt may take, how long an endpoint may fail without a success before it is disabled, how
+    # long a rotated secret keeps signing, how often each process looks for due deliveries and how many it takes
+    # (under a lease of `webhook_lease_seconds`), and whether plain http and private addresses may be called
+    # (local development and tests only: it opens the gateway to SSRF).
+    webhook_retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0], min_length=1,
+        max_length=50)
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    webhook_disable_after_seconds: float = Field(default=5 * 86_400, gt=0)
+    webhook_secret_grace_seconds: float = Field(default=86_400, ge=0)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    webhook_batch: int = Field(default=32, ge=1, le=1000)
+    webhook_lease_seconds: float = Field(default=120.0, gt=0)
+    webhook_allow_private_targets: bool = False
     # Images and videos (issue 4).
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, gt=0, description="Largest images/edits body")
     # An upload's parts (files and fields) and the size of each text field: more is a 400 naming the limit.
@@ -132,6 +147,16 @@ class Settings(BaseSettings):
         if self.hold_ttl_seconds <= longest:
             raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the slowest upstream's "
                              f"timeout_seconds ({slowest}) plus drain_seconds ({longest:g})")
+        return self
+
+    @model_validator(mode="after")
+    def _leases_outlast_attempts(self) -> Settings:
+        # A lease that ran out while its attempt was still running would let a second process send it too.
+        if self.webhook_lease_seconds <= self.webhook_timeout_seconds:
+            raise ValueError(f"webhook_lease_seconds ({self.webhook_lease_seconds:g}) must exceed "
+                             f"webhook_timeout_seconds ({self.webhook_timeout_seconds:g})")
+        if any(delay < 0 for delay in self.webhook_retry_schedule_seconds):
+            raise ValueError("webhook_retry_schedule_seconds must not hold a negative delay")
         return self
 
     @model_validator(mode="after")
