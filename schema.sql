@@ -582,6 +582,7 @@ CREATE TABLE videos (
     next_poll_at timestamptz NOT NULL DEFAULT now(),
     lease_owner  text,
     lease_until  timestamptz,
+    webhook_url  text,  -- the job's own webhook URL (Lumenfall's), besides the account's endpoints
     CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
 );
 CREATE INDEX videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');

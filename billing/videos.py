@@ -10,6 +10,7 @@ ledger's settle or void (which are exactly-once on their own as well).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,11 @@ class NewVideo:
     size: str
     seconds: int
     price_micros: int
+    webhook_url: str | None = None  # the job's own webhook URL, besides the account's endpoints
+
+
+# Builds the data of a video's webhook event (the video object, as GET /videos/{id} shows it) from its finished row.
+EventData = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
@@ -67,12 +73,12 @@ async def create(
                          amount_micros=job.price_micros, ttl_seconds=hold_ttl_seconds, key_id=job.key_id)
     row = await conn.fetchrow(
         """INSERT INTO videos (id, account_id, key_id, request_id, model, upstream, endpoint, prompt, size,
-                               seconds, price_micros, deadline_at, lease_owner, lease_until)
+                               seconds, price_micros, deadline_at, lease_owner, lease_until, webhook_url)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                   now() + make_interval(secs => $12), $13, now() + make_interval(secs => $14))
+                   now() + make_interval(secs => $12), $13, now() + make_interval(secs => $14), $15)
            RETURNING *""",
         video_id, job.account_id, job.key_id, request_id, job.model, job.upstream, job.endpoint, job.prompt,
-        job.size, job.seconds, job.price_micros, max_job_seconds, lease_owner, lease_seconds,
+        job.size, job.seconds, job.price_micros, max_job_seconds, lease_owner, lease_seconds, job.webhook_url,
     )
     assert row is not None
     return dict(row), reservation
@@ -225,8 +231,10 @@ class VideoCreation:
     void_without_hold = False
 
     def __init__(self, pool: asyncpg.Pool, new: NewVideo, *, idempotency: tuple[str, str, bytes] | None,
-                 hold_ttl_seconds: float, max_job_seconds: float, lease_owner: str, lease_seconds: float) -> None:
+                 hold_ttl_seconds: float, max_job_seconds: float, lease_owner: str, lease_seconds: float,
+                 event_data: EventData | None = None) -> None:
         self.pool = pool
+        self.event_data = event_data
         self.new = new
         self.idempotency = idempotency
         self.hold_ttl_seconds = hold_ttl_seconds
@@ -246,19 +254,29 @@ class VideoCreation:
     async def settle(self, hold: Hold, actual_micros: int, estimated: bool, record: dict[str, Any],
                      response: dict[str, Any] | None) -> None:
         assert self.job is not None
-        self.job = await complete(self.pool, self.job["id"], output=response, record=record)
+        self.job = await complete(self.pool, self.job["id"], output=response, record=record,
+                                  event_data=self.event_data)
 
     async def void(self, hold: Hold, reason: str, record: dict[str, Any]) -> None:
         if self.job is None or self.replayed:
             return  # the job was never stored (so neither was its hold), or it is an earlier call's
         error = {"code": record.get("error_code") or "creation_failed", "message": reason}
         self.job = await fail(self.pool, self.job["id"], reason=reason, error=error, record=record,
-                              idempotency_scope=self.idempotency[0] if self.idempotency else None)
+                              idempotency_scope=self.idempotency[0] if self.idempotency else None,
+                              event_data=self.event_data)
 
 
-async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any,
-                   record: dict[str, Any]) -> dict[str, Any]:
-    """Mark the job completed and charge its price, once. A job already finished is returned as it is."""
+async def _emit(conn: Executor, job: dict[str, Any], event_type: str, event_data: EventData | None) -> None:
+    """The job's webhook event, in its settlement's or void's transaction (the outbox): once per job."""
+    if event_data is not None:
+        await conn.execute("SELECT meterline_webhook_emit($1, $2, $3, $4, $5)", job["account_id"], event_type,
+                           event_data(job), f"video:{job['id']}", job["webhook_url"])
+
+
+async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any, record: dict[str, Any],
+                   event_data: EventData | None = None) -> dict[str, Any]:
+    """Mark the job completed and charge its price, once, with its `video.completed` event. A job already
+    finished is returned as it is."""
     async with pool.acquire() as conn, conn.transaction():
         job = await conn.fetchrow("SELECT * FROM videos WHERE id = $1 FOR UPDATE", video_id)
         assert job is not None
@@ -273,13 +291,16 @@ async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any,
             video_id, resolution.actual_micros, output,
         )
         assert row is not None
+        await _emit(conn, dict(row), "video.completed", event_data)
         return dict(row)
 
 
 async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[str, Any],
-               record: dict[str, Any], idempotency_scope: str | None = None) -> dict[str, Any]:
-    """Mark the job failed and release its hold without charge, once. With `idempotency_scope`, the
-    Idempotency-Key that created the job is freed as well, so that a retry can create a new job."""
+               record: dict[str, Any], idempotency_scope: str | None = None, event_data: EventData | None = None,
+               event_type: str = "video.failed") -> dict[str, Any]:
+    """Mark the job failed and release its hold without charge, once, with its event (`video.failed`, or
+    `video.cancelled` when the upstream cancelled it). With `idempotency_scope`, the Idempotency-Key that created
+    the job is freed as well, so that a retry can create a new job."""
     async with pool.acquire() as conn, conn.transaction():
         job = await conn.fetchrow("SELECT * FROM videos WHERE id = $1 FOR UPDATE", video_id)
         assert job is not None
@@ -298,5 +319,6 @@ async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[st
                 idempotency_scope, video_id,
             )
         assert row is not None
+        await _emit(conn, dict(row), event_type, event_data)
         return dict(row)
 

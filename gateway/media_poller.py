@@ -25,6 +25,7 @@ from gateway.keys import POOL, SETTINGS, TASKS
 from gateway.tasks import every
 from gateway.upstream import UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
+from gateway.video_object import event_data
 
 log = logging.getLogger("meterline.videos")
 
@@ -45,14 +46,16 @@ def progress_of(answer: dict[str, Any], default: int) -> int:
     return default
 
 
-async def fail(app: web.Application, job: dict[str, Any], reason: str, error: dict[str, Any]) -> dict[str, Any]:
-    """Void the job's hold and mark it failed, retried until the database answers; its Idempotency-Key is freed so
-    that a retry makes a new job."""
+async def fail(app: web.Application, job: dict[str, Any], reason: str, error: dict[str, Any], *,
+               event_type: str = "video.failed") -> dict[str, Any]:
+    """Void the job's hold and mark it failed (with its webhook event), retried until the database answers; its
+    Idempotency-Key is freed so that a retry makes a new job."""
     code = error.get("code")
     return await durably(lambda: videos.fail(
         app[POOL], job["id"], reason=reason, error=error,
         record=videos.record(job, "upstream_failure", error_code=code if isinstance(code, str) else None),
-        idempotency_scope=idempotency.scope("videos", job["account_id"])))
+        idempotency_scope=idempotency.scope("videos", job["account_id"]), event_data=event_data(app),
+        event_type=event_type))
 
 
 async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
@@ -84,11 +87,13 @@ async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
         status = None  # an upstream's malformed status counts as no news
     if status == "completed":
         return await durably(lambda: videos.complete(app[POOL], job["id"], output=answer,
-                                                     record=videos.record(job, "completed")))
+                                                     record=videos.record(job, "completed"),
+                                                     event_data=event_data(app)))
     if status in _FAILED:
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
         return await fail(app, job, f"the upstream reported the job {status}",
-                          error or {"code": str(status), "message": f"The video job {status} upstream"})
+                          error or {"code": str(status), "message": f"The video job {status} upstream"},
+                          event_type="video.cancelled" if status == "cancelled" else "video.failed")
     current = status if status in videos.UNFINISHED else job["status"]
     updated = await videos.progressed(app[POOL], job["id"], status=current,
                                       progress=progress_of(answer, job["progress"]), output=answer, owner=owner,

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
 
     host: str = "127.0.0.1"
+    # The URL clients reach this gateway at (what a webhook's video object links its content under); unset:
+    # http://host:port.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     port: int = Field(default=8080, ge=0, le=65535)
     database_url: str | None = Field(default=None, description="None: use the embedded PostgreSQL")
     data_dir: Path = Path(".meterline")
@@ -165,6 +168,10 @@ class Settings(BaseSettings):
             raise ValueError(f"shutdown_grace_seconds ({self.shutdown_grace_seconds:g}) must exceed drain_seconds "
                              f"({self.drain_seconds:g}): a stream read for its usage must be able to settle")
         return self
+
+    def base_url(self) -> str:
+        """Where clients reach this gateway: `public_url`, else http://host:port."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @field_validator("database_url")
     @classmethod

@@ -29,9 +29,11 @@ from gateway.errors import REQUEST_ID, ApiError, invalid, not_found
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
-from gateway.render import json_response, usd_number
+from gateway.render import json_response
 from gateway.upstream import Upstream, UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
+from gateway.video_object import event_data, video_object
+from gateway.webhook_worker import check_target
 
 log = logging.getLogger("meterline.videos")
 
@@ -40,29 +42,9 @@ _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _CREATION_MARGIN_SECONDS = 30.0
 
 
-def _epoch(value: Any) -> int | None:
-    return int(value.timestamp()) if value is not None else None
-
-
 def render(request: web.Request, job: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI video object, with Lumenfall's metadata: the hold while running, the charge once done."""
-    metadata: dict[str, Any] = {"request_id": job["request_id"], "provider": job["upstream"],
-                                "upstream_id": job["upstream_id"]}
-    if job["status"] in videos.UNFINISHED:
-        metadata.update(cost_estimate_micros=job["price_micros"], cost_estimate=usd_number(job["price_micros"]))
-    else:
-        cost = job["cost_micros"] or 0
-        metadata.update(cost_micros=cost, cost=usd_number(cost))
-    video: dict[str, Any] = {
-        "id": job["id"], "object": "video", "model": job["model"], "status": job["status"],
-        "progress": job["progress"], "created_at": _epoch(job["created_at"]),
-        "completed_at": _epoch(job["completed_at"]), "expires_at": None, "prompt": job["prompt"],
-        "seconds": str(job["seconds"]), "size": job["size"], "error": job["error"], "metadata": metadata,
-    }
-    if job["status"] == "completed":
-        video["output"] = {"url": str(request.url.with_path(f"{_prefix(request)}/videos/{job['id']}/content")
-                                      .with_query(None)), "content_type": "video/mp4"}
-    return video
+    """The OpenAI video object, with Lumenfall's metadata, as this request's route shows it."""
+    return video_object(job, str(request.url.with_path(_prefix(request)).with_query(None)))
 
 
 def _prefix(request: web.Request) -> str:
@@ -71,7 +53,7 @@ def _prefix(request: web.Request) -> str:
 
 # The creation fields besides the priced ones (size, seconds): what a video is charged does not depend on them.
 # Any other field is refused with a 400 naming it, as OpenAI refuses an unrecognised argument.
-_FIELDS = frozenset({"model", "prompt", "size", "seconds"})
+_FIELDS = frozenset({"model", "prompt", "size", "seconds", "webhook_url"})
 _FILES = frozenset({"input_reference"})
 
 
@@ -130,11 +112,17 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     settings = app[SETTINGS]
     key = request[API_KEY]
     idem_key = media.idempotency_key(request)
+    webhook_url = media.optional_str(body, "webhook_url")
+    if webhook_url is not None:
+        refused = check_target(webhook_url, allow_private=settings.webhook_allow_private_targets)
+        if refused is not None:
+            raise invalid(refused, "webhook_url")
     steps = videos.VideoCreation(
         app[POOL],
         videos.NewVideo(request_id=request[REQUEST_ID], account_id=key.account_id, key_id=key.id, model=model,
                         upstream=upstream.name, endpoint=request.path, prompt=prompt, size=quote.size,
-                        seconds=quote.seconds, price_micros=quote.hold_micros),
+                        seconds=quote.seconds, price_micros=quote.hold_micros, webhook_url=webhook_url),
+        event_data=event_data(app),
         idempotency=(idem.scope("videos", key.account_id), idem_key, fingerprint) if idem_key else None,
         # The hold outlives the longest job plus the time to notice it finished, so it never expires first.
         hold_ttl_seconds=settings.video_max_job_seconds + settings.hold_ttl_seconds,

@@ -1,5 +1,8 @@
 -- Migration 0006: webhooks (Standard Webhooks), delivered from a transactional outbox.
 
+-- A video job may name its own webhook URL (Lumenfall's `webhook_url`): its events go there too.
+ALTER TABLE videos ADD COLUMN webhook_url text;
+
 -- An account's signing secrets. The one without `retired_at` is current; a rotated secret keeps signing (beside
 -- the new one: Standard Webhooks allows several signatures) until `retired_at`.
 CREATE TABLE webhook_secrets (
