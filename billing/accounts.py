@@ -12,7 +12,8 @@ _ACCOUNT_COLUMNS = """
     id, name, created_at,
     credits_posted - debits_posted AS balance_micros,
     held_micros,
-    credits_posted - debits_posted - held_micros AS available_micros
+    credits_posted - debits_posted - held_micros AS available_micros,
+    low_balance_micros
 """
 
 
@@ -48,6 +49,16 @@ async def list_accounts(
         after, limit,
     )
     return [dict(r) for r in rows]
+
+
+async def set_low_balance(conn: Executor, account_id: str, threshold_micros: int | None) -> dict[str, Any]:
+    """The available balance below which a charge sends `balance.low` (None: never); the alert is re-armed."""
+    row = await conn.fetchrow(
+        f"UPDATE accounts SET low_balance_micros = $2, low_balance_alerted_at = NULL"
+        f" WHERE id = $1 AND kind = 'customer' RETURNING {_ACCOUNT_COLUMNS}", account_id, threshold_micros)
+    if row is None:
+        raise AccountNotFound(account_id)
+    return dict(row)
 
 
 async def search_accounts(conn: Executor, query: str, *, limit: int, after: str | None = None) -> list[dict[str, Any]]:

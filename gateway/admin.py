@@ -41,6 +41,10 @@ class CreateAccount(_Body):
     name: Name
 
 
+class AccountSettings(_Body):
+    low_balance_threshold_micros: Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)] | None
+
+
 class KeyLimits(_Body):
     """Per-key limits (issue 5); a field left out is unchanged, null clears it."""
 
@@ -97,6 +101,7 @@ def render_account(row: dict[str, Any]) -> dict[str, Any]:
         "balance_micros": row["balance_micros"],
         "held_micros": row["held_micros"],
         "available_micros": row["available_micros"],
+        "low_balance_threshold_micros": row["low_balance_micros"],
         "created_at": row["created_at"],
     }
 
@@ -141,6 +146,16 @@ async def list_accounts(request: web.Request) -> web.Response:
 @routes.get("/accounts/{account_id}")
 async def get_account(request: web.Request) -> web.Response:
     row = await accounts.get_account(request.config_dict[POOL], request.match_info["account_id"])
+    return json_response(render_account(row))
+
+
+@routes.patch("/accounts/{account_id}")
+async def update_account(request: web.Request) -> web.Response:
+    """`{"low_balance_threshold_micros": n | null}`: a charge that takes the available balance below it sends a
+    `balance.low` webhook, once until a credit lifts the balance back over it."""
+    body = await read_model(request, AccountSettings)
+    row = await accounts.set_low_balance(request.config_dict[POOL], request.match_info["account_id"],
+                                         body.low_balance_threshold_micros)
     return json_response(render_account(row))
 
 

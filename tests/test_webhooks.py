@@ -18,7 +18,7 @@ from billing import ledger
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.conftest import admin_headers
-from tests.factories import make_customer
+from tests.factories import billed_request, make_account, make_customer
 from tests.fakes.webhook_receiver import WebhookReceiver
 
 
@@ -241,3 +241,44 @@ async def test_admins_list_endpoints_read_attempts_and_replay_an_event(
 
 async def _count(pool: asyncpg.Pool, n: int) -> bool:
     return bool(await pool.fetchval("SELECT count(*) = $1 FROM webhook_deliveries WHERE state = 'delivered'", n))
+
+
+async def _events(pool: asyncpg.Pool, kind: str) -> list[Any]:
+    return [r["data"] for r in await pool.fetch("SELECT data FROM webhook_events WHERE type = $1 ORDER BY created_at,"
+                                                " id", kind)]
+
+
+async def test_a_key_crossing_80_90_and_100_percent_of_its_limit_fires_each_once_per_window(
+        pool: asyncpg.Pool) -> None:
+    from billing import keys, limits
+
+    account_id = await make_account(pool, balance_micros=10_000_000)
+    key, _ = await keys.create_key(pool, account_id=account_id, name="limited")
+    await limits.set_key_limits(pool, key["id"], {"limit_micros": 1_000, "limit_reset": "monthly"})
+    async with pool.acquire() as conn:
+        await conn.execute("SET meterline.now = '2026-12-07T10:00:00Z'")
+        for cost in (500, 310, 100, 50, 40, 0):  # 50%, 81%, 91%, 96%, 100%, and a free call at 100%
+            await billed_request(conn, account_id, key_id=key["id"], hold_micros=cost, cost_micros=cost)
+        assert [e["threshold_percent"] for e in await _events(pool, "key.limit_threshold")] == [80, 90, 100]
+        await conn.execute("SET meterline.now = '2027-01-03T10:00:00Z'")  # a new month, a new window
+        await billed_request(conn, account_id, key_id=key["id"], hold_micros=950, cost_micros=950)
+    fired = await _events(pool, "key.limit_threshold")
+    assert [(e["threshold_percent"], e["window_spent_micros"]) for e in fired] == [
+        (80, 810), (90, 910), (100, 1_000), (80, 950), (90, 950)]
+    assert {e["key_id"] for e in fired} == {key["id"]}
+
+
+async def test_balance_low_fires_once_per_crossing_and_again_after_a_top_up_lifts_it(
+        client: TestClient, pool: asyncpg.Pool) -> None:
+    account_id = await make_account(pool, balance_micros=1_500_000)
+    resp = await client.patch(f"/admin/accounts/{account_id}", json={"low_balance_threshold_micros": 1_000_000},
+                              headers=admin_headers())
+    assert (await resp.json())["low_balance_threshold_micros"] == 1_000_000
+    for cost in (400_000, 200_000, 100_000):  # 1.1, then 0.9 (crossed), then 0.8 (still below)
+        await billed_request(pool, account_id, hold_micros=cost, cost_micros=cost)
+    assert [e["available_micros"] for e in await _events(pool, "balance.low")] == [900_000]
+    await ledger.post(pool, account_id=account_id, kind="topup", amount_micros=1_000_000, description="lift")
+    await billed_request(pool, account_id, hold_micros=500_000, cost_micros=500_000)  # 1.3: above, nothing
+    await billed_request(pool, account_id, hold_micros=400_000, cost_micros=400_000)  # 0.9: crossed again
+    assert [e["available_micros"] for e in await _events(pool, "balance.low")] == [900_000, 900_000]
+    assert [e["threshold_micros"] for e in await _events(pool, "balance.low")] == [1_000_000, 1_000_000]

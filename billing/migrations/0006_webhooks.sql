@@ -1,5 +1,9 @@
 -- Migration 0006: webhooks (Standard Webhooks), delivered from a transactional outbox.
 
+-- balance.low: an account's threshold (NULL: no alert) and when the alert for the current dip was written.
+ALTER TABLE accounts ADD COLUMN low_balance_micros bigint CHECK (low_balance_micros >= 0);
+ALTER TABLE accounts ADD COLUMN low_balance_alerted_at timestamptz;
+
 -- A video job may name its own webhook URL (Lumenfall's `webhook_url`): its events go there too.
 ALTER TABLE videos ADD COLUMN webhook_url text;
 
@@ -112,7 +116,10 @@ BEGIN
         RAISE EXCEPTION 'bad posting: % of %', p_kind, p_amount USING ERRCODE = '22023';
     END IF;
     IF p_amount > 0 THEN
-        UPDATE accounts a SET credits_posted = a.credits_posted + p_amount
+        UPDATE accounts a SET credits_posted = a.credits_posted + p_amount,
+               -- a credit that lifts the available balance back to the low-balance threshold re-arms its alert
+               low_balance_alerted_at = CASE WHEN a.credits_posted + p_amount - a.debits_posted - a.held_micros
+                   >= a.low_balance_micros THEN NULL ELSE a.low_balance_alerted_at END
          WHERE a.id = p_account_id AND a.kind = 'customer'
         RETURNING a.credits_posted - a.debits_posted, a.held_micros INTO v_balance, v_held;
     ELSE
@@ -146,4 +153,100 @@ BEGIN
             'created_at', v_created), 'topup.posted:' || v_id, NULL);
     END IF;
     RETURN QUERY SELECT v_id, v_balance, v_held, v_created;
+END $$;
+
+-- Release a resolved hold from its key and add the charge to the key's current window. Called with the
+-- account row already locked (every path locks the account before the key, so keys cannot deadlock). A charge that
+-- takes the key's spend in its window across 80, 90 or 100% of its limit writes a `key.limit_threshold` webhook
+-- event, each threshold once per window (the event's dedupe names the window).
+CREATE OR REPLACE FUNCTION meterline_key_release(p_hold holds, p_release bigint, p_actual bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_key api_keys;
+    v_pct integer;
+BEGIN
+    IF p_hold.key_id IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE api_keys k
+       SET held_micros = k.held_micros - CASE WHEN p_hold.key_limited THEN p_release ELSE 0 END,
+           window_spent_micros = CASE WHEN p_actual = 0 THEN k.window_spent_micros
+               WHEN k.window_start IS NOT DISTINCT FROM meterline_window_start(k.limit_reset, meterline_now())
+               THEN k.window_spent_micros + p_actual ELSE p_actual END,
+           window_start = CASE WHEN p_actual = 0 THEN k.window_start
+               ELSE meterline_window_start(k.limit_reset, meterline_now()) END
+     WHERE k.id = p_hold.key_id
+       AND (p_hold.key_limited OR (k.limit_micros IS NOT NULL AND p_actual > 0))
+    RETURNING * INTO v_key;
+    IF NOT FOUND OR p_actual = 0 OR NOT v_key.limit_micros > 0 THEN
+        RETURN;
+    END IF;
+    FOREACH v_pct IN ARRAY ARRAY[80, 90, 100] LOOP
+        IF (v_key.window_spent_micros - p_actual) * 100 < v_key.limit_micros * v_pct
+           AND v_key.window_spent_micros * 100 >= v_key.limit_micros * v_pct THEN
+            PERFORM meterline_webhook_emit(v_key.account_id, 'key.limit_threshold', jsonb_build_object(
+                'key_id', v_key.id, 'threshold_percent', v_pct, 'limit_micros', v_key.limit_micros,
+                'window_spent_micros', v_key.window_spent_micros, 'limit_reset', v_key.limit_reset,
+                'window_start', v_key.window_start,
+                'resets_at', meterline_window_end(v_key.limit_reset, meterline_now())),
+                'key.limit_threshold:' || v_key.id || ':' || v_key.window_start || ':' || v_pct, NULL);
+        END IF;
+    END LOOP;
+END $$;
+
+-- settle: post the actual charge and release the hold. Exactly once: a resolved hold returns its stored outcome
+-- (replayed = true) and writes nothing. actual > held still posts in full; the excess is recorded as overrun. A
+-- charge that takes the available balance below the account's low_balance_micros writes a `balance.low` webhook
+-- event, once until a credit lifts the balance back over it (meterline_post re-arms it).
+CREATE OR REPLACE FUNCTION meterline_settle(
+    p_request_id text, p_actual bigint, p_estimated boolean, p_record jsonb
+) RETURNS TABLE (state text, hold_micros bigint, actual_micros bigint, overrun_micros bigint,
+                 replayed boolean, balance_after bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    h         holds;
+    v_release bigint;
+    v_overrun bigint;
+    v_balance bigint;
+    v_held    bigint;
+    v_low     bigint;
+    v_alerted timestamptz;
+BEGIN
+    IF p_actual IS NULL OR p_actual < 0 THEN
+        RAISE EXCEPTION 'a charge must be a non-negative amount, got %', p_actual USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO h FROM holds WHERE holds.request_id = p_request_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF h.state NOT IN ('pending', 'expired') THEN
+        RETURN QUERY SELECT h.state, h.amount_micros, h.actual_micros, h.overrun_micros, true, NULL::bigint;
+        RETURN;
+    END IF;
+    -- An expired hold already released its amount, so a late charge is all overrun.
+    v_release := CASE WHEN h.state = 'pending' THEN h.amount_micros ELSE 0 END;
+    v_overrun := GREATEST(p_actual - v_release, 0);
+    UPDATE accounts a
+       SET held_micros = a.held_micros - v_release, debits_posted = a.debits_posted + p_actual,
+           low_balance_alerted_at = CASE WHEN a.low_balance_alerted_at IS NULL
+               AND a.credits_posted - a.debits_posted - p_actual - a.held_micros + v_release < a.low_balance_micros
+               THEN now() ELSE a.low_balance_alerted_at END
+     WHERE a.id = h.account_id
+    RETURNING a.credits_posted - a.debits_posted, a.held_micros, a.low_balance_micros, a.low_balance_alerted_at
+         INTO v_balance, v_held, v_low, v_alerted;
+    INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, request_id,
+                           overrun_micros, estimated, balance_after_micros)
+    VALUES (h.account_id, h.account_id, 'op_revenue', p_actual, 'charge', p_request_id,
+            v_overrun, p_estimated, v_balance);
+    IF v_alerted = now() THEN  -- crossed below by this charge (or another of this transaction: deduplicated)
+        PERFORM meterline_webhook_emit(h.account_id, 'balance.low', jsonb_build_object(
+            'account_id', h.account_id, 'available_micros', v_balance - v_held, 'balance_micros', v_balance,
+            'threshold_micros', v_low), 'balance.low:' || h.account_id || ':' || v_alerted, NULL);
+    END IF;
+    PERFORM meterline_key_release(h, v_release, p_actual);
+    UPDATE holds SET state = 'settled', actual_micros = p_actual, overrun_micros = v_overrun,
+                     expired_first = (h.state = 'expired'), resolved_at = COALESCE(h.resolved_at, now())
+     WHERE holds.request_id = p_request_id;
+    PERFORM meterline_record(p_request_id, h, 'settled', p_actual, p_estimated, v_overrun, p_record);
+    RETURN QUERY SELECT 'settled'::text, h.amount_micros, p_actual, v_overrun, false, v_balance;
 END $$;
