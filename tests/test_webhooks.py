@@ -244,8 +244,10 @@ async def _count(pool: asyncpg.Pool, n: int) -> bool:
 
 
 async def _events(pool: asyncpg.Pool, kind: str) -> list[Any]:
-    return [r["data"] for r in await pool.fetch("SELECT data FROM webhook_events WHERE type = $1 ORDER BY created_at,"
-                                                " id", kind)]
+    # Events of one transaction share its created_at: within it, thresholds in their order.
+    return [r["data"] for r in await pool.fetch(
+        "SELECT data FROM webhook_events WHERE type = $1"
+        " ORDER BY created_at, (data->>'threshold_percent')::int NULLS FIRST, id", kind)]
 
 
 async def test_a_key_crossing_80_90_and_100_percent_of_its_limit_fires_each_once_per_window(
@@ -282,3 +284,19 @@ async def test_balance_low_fires_once_per_crossing_and_again_after_a_top_up_lift
     await billed_request(pool, account_id, hold_micros=400_000, cost_micros=400_000)  # 0.9: crossed again
     assert [e["available_micros"] for e in await _events(pool, "balance.low")] == [900_000, 900_000]
     assert [e["threshold_micros"] for e in await _events(pool, "balance.low")] == [1_000_000, 1_000_000]
+
+
+async def test_a_429_with_retry_after_waits_as_long_as_it_asks(
+        aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, receiver: WebhookReceiver,
+        receiver_server: TestServer) -> None:
+    receiver.answers = [429]
+    receiver.answer_headers = {"Retry-After": "1"}
+    client: TestClient = await aiohttp_client(create_app(hook_settings(
+        settings, webhook_retry_schedule_seconds=[0.0, 0.05])))
+    account_id, secret = await make_customer(pool)
+    await register(client, secret, str(receiver_server.make_url("/hook")), ["topup.posted"])
+    await top_up(client, account_id, "1", "t-10")
+    await until(lambda: _delivered(pool), "the delivery")
+    first, second = [r["attempted_at"] for r in await pool.fetch("SELECT attempted_at FROM webhook_attempts"
+                                                                  " ORDER BY id")]
+    assert (second - first).total_seconds() >= 1.0  # the schedule alone would have retried after 0.05 s
