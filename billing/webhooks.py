@@ -60,6 +60,10 @@ async def current_secret(conn: Executor, account_id: str) -> dict[str, Any]:
            SELECT secret, created_at FROM webhook_secrets WHERE account_id = $1 AND retired_at IS NULL
            LIMIT 1""",
         account_id, new_secret())
+    if row is None:
+        # Another first use made it while this statement ran (its snapshot could not see it): read it now.
+        row = await conn.fetchrow("SELECT secret, created_at FROM webhook_secrets"
+                                  " WHERE account_id = $1 AND retired_at IS NULL", account_id)
     assert row is not None
     return dict(row)
 
@@ -193,8 +197,10 @@ async def attempted(pool: asyncpg.Pool, due: Due, *, owner: str, status: int | N
     gone = status == 410
     delay = None if ok or gone else retry_delay(schedule, due.attempts + 1, retry_after)
     async with pool.acquire() as conn, conn.transaction():
+        # (A delivery whose endpoint was deleted meanwhile went with it: its attempt has nothing to be recorded on.)
         await conn.execute("INSERT INTO webhook_attempts (delivery_id, status, duration_ms, error)"
-                           " VALUES ($1, $2, $3, $4)", due.id, status, duration_ms, error)
+                           " SELECT id, $2, $3, $4 FROM webhook_deliveries WHERE id = $1", due.id, status, duration_ms,
+                           error)
         state = "delivered" if ok else "cancelled" if gone else "pending" if delay is not None else "exhausted"
         updated = await conn.fetchval(
             """UPDATE webhook_deliveries

@@ -300,3 +300,21 @@ async def test_a_429_with_retry_after_waits_as_long_as_it_asks(
     first, second = [r["attempted_at"] for r in await pool.fetch("SELECT attempted_at FROM webhook_attempts"
                                                                   " ORDER BY id")]
     assert (second - first).total_seconds() >= 1.0  # the schedule alone would have retried after 0.05 s
+
+
+async def test_an_endpoint_deleted_during_an_attempt_takes_its_delivery_and_nothing_fails(
+        aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, receiver: WebhookReceiver,
+        receiver_server: TestServer, caplog: pytest.LogCaptureFixture) -> None:
+    receiver.hold_first = True
+    client: TestClient = await aiohttp_client(create_app(hook_settings(settings)))
+    account_id, secret = await make_customer(pool)
+    endpoint = await register(client, secret, str(receiver_server.make_url("/hook")), ["topup.posted"])
+    await top_up(client, account_id, "1", "t-11")
+    await asyncio.wait_for(receiver.arrived.wait(), 10)
+    resp = await client.delete(f"/v1/webhooks/{endpoint['id']}", headers={"Authorization": f"Bearer {secret}"})
+    assert resp.status == 200
+    receiver.release.set()
+    await asyncio.sleep(0.3)  # the attempt's answer arrives and is recorded against nothing
+    assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+    assert await pool.fetchval("SELECT count(*) FROM webhook_attempts") == 0
+    assert "failed unexpectedly" not in caplog.text
