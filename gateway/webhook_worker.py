@@ -102,11 +102,16 @@ def signed_headers(due: Due, payload: bytes, at: datetime) -> dict[str, str]:
             "User-Agent": "Meterline-Webhooks/1"}
 
 
+# The longest a receiver's Retry-After may put the next attempt off (the schedule's own longest wait is 10 h).
+RETRY_AFTER_CAP_SECONDS = 36_000.0
+
+
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """The seconds a 429 or 503 asks to wait (delta-seconds form), at most RETRY_AFTER_CAP_SECONDS."""
     if response.status not in (429, 503):
         return None
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else None
+    value = response.headers.get("Retry-After", "").strip()
+    return min(float(value), RETRY_AFTER_CAP_SECONDS) if value.isascii() and value.isdigit() else None
 
 
 class Worker:
