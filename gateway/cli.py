@@ -17,6 +17,7 @@ from billing import accounts, db, exports, keys, ledger, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
+from gateway import admin_token
 from gateway.render import dumps
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -43,6 +44,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    settings, made = admin_token.ensure(settings)
+    if made is not None:
+        print(admin_token.announcement(made, settings, host=host, port=port), flush=True)
     if settings.database_url is None:
         settings = settings.model_copy(update={"database_url": _database_url(settings)})
     if args.workers > 1:
@@ -50,6 +54,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
         return workers.serve(settings.database_url, host=host, port=port, workers=args.workers)
     serve(settings, host=host, port=port, print=lambda msg: print(msg, flush=True))
+    return 0
+
+
+def cmd_admin_token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the admin token in force: the configured one, else the one stored in the data directory."""
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        print(settings.admin_token.get_secret_value())
+        return 0
+    token = admin_token.stored(settings)
+    if token is None:
+        print(f"meterline: no admin token is configured and none is stored in {admin_token.token_path(settings)}"
+              " yet: `meterline serve` makes one on its first start", file=sys.stderr)
+        return 1
+    print(token)
     return 0
 
 
@@ -177,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (SO_REUSEPORT); default 1")
     serve.set_defaults(func=cmd_serve)
+    sub.add_parser("admin-token", help="print the admin token (configured, or made by the first serve)"
+                   ).set_defaults(func=cmd_admin_token)
 
     sub.add_parser("migrate", help="apply the pending numbered migrations (harmless to repeat)"
                    ).set_defaults(func=cmd_migrate)

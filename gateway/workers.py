@@ -24,13 +24,14 @@ def _worker(database_url: str | None, host: str, port: int) -> None:
     # exit, not a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        from gateway import admin_token
         from gateway.app import serve
         from gateway.settings import load_settings
 
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         # Spawned, not forked: the worker reads the same settings afresh, with the parent's database URL
         # (which may name the embedded server the parent started).
-        settings = load_settings(database_url=database_url)
+        settings, _ = admin_token.ensure(load_settings(database_url=database_url))  # the parent made it
         serve(settings, host=host, port=port, reuse_port=True, print=None)
     except KeyboardInterrupt:
         return
