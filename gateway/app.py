@@ -25,6 +25,7 @@ from gateway import (
     media_poller,
     models_api,
     server,
+    upstream,
     usage,
     videos,
     webhook_worker,
@@ -91,6 +92,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
 async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
     """One ClientSession for all upstream calls: its connector pools and reuses connections. Timeouts are set
     per upstream on each call."""
+    upstream.report_unconfigured(app[SETTINGS])
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector) as session:
         app[HTTP] = session

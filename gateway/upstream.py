@@ -30,7 +30,7 @@ from aiohttp import web
 from gateway.errors import ApiError
 from gateway.keys import HTTP, SETTINGS
 from gateway.render import dumps
-from gateway.settings import UpstreamSettings
+from gateway.settings import Settings, UpstreamSettings
 
 log = logging.getLogger("meterline.upstream")
 
@@ -113,10 +113,26 @@ def _without(text: str, key: str) -> str:
 def upstream_named(app: web.Application, name: str) -> Upstream:
     settings = app[SETTINGS].upstreams.get(name)
     if settings is None:
-        # A configuration fault, not the client's: say which upstream, nothing more.
-        raise UpstreamError(502, "UPSTREAM_ERROR", f"Upstream {name!r} is not configured",
-                            upstream_status=None)
+        # A configuration fault, not the client's and not a passing one: say which upstream, nothing more.
+        raise UpstreamError(503, "UPSTREAM_NOT_CONFIGURED",
+                            f"The {name!r} upstream is not configured on this gateway, so this model cannot be "
+                            "served; its operator sets [upstreams." + name + "] base_url", upstream_status=None,
+                            type="server_error")
     return Upstream(name, settings)
+
+
+def report_unconfigured(settings: Settings) -> list[str]:
+    """One log line per upstream whose API key variable is unset, and per upstream models name that is not
+    configured at all (start-up; nothing is refused for it). Returns the lines."""
+    lines = [f"upstream {name!r} has no API key: set the environment variable {up.api_key_env}"
+             for name, up in settings.upstreams.items() if up.api_key() is None]
+    named = {config.upstream or ("media" if config.modality != "text" else settings.text_upstream)
+             for config in settings.models.values()} | {settings.text_upstream}
+    lines += [f"upstream {name!r} is not configured: the models that use it answer 503 until [upstreams.{name}]"
+              " base_url is set" for name in sorted(named - set(settings.upstreams))]
+    for line in lines:
+        log.warning("%s", line)
+    return lines
 
 
 def from_exception(exc: BaseException, upstream: Upstream) -> UpstreamError:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.settings import SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_shipped_file_declares_both_upstreams(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_shipped_file_declares_openrouter_and_leaves_media_to_the_operator(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("METERLINE_CONFIG", raising=False)
     monkeypatch.delenv("METERLINE_DATABASE_URL", raising=False)
     settings = load_settings(config=ROOT / "config" / "meterline.toml")
     assert settings.upstreams["openrouter"].api_key_env == "OPENROUTER_API_KEY"
-    assert settings.upstreams["media"].api_key_env == "MEDIA_API_KEY"
+    assert "media" not in settings.upstreams  # no unusable default address
     assert settings.database_url is None
 
 
@@ -52,6 +55,8 @@ def test_a_bad_setting_fails_naming_it(
 
 @pytest.mark.parametrize("upstream", ["OPENROUTER", "MEDIA"])
 def test_holds_must_outlast_every_upstreams_timeout(monkeypatch: pytest.MonkeyPatch, upstream: str) -> None:
+    monkeypatch.setenv(f"METERLINE_UPSTREAMS__{upstream}__BASE_URL", "https://upstream.example/v1")
+    monkeypatch.setenv(f"METERLINE_UPSTREAMS__{upstream}__API_KEY_ENV", f"{upstream}_API_KEY")
     monkeypatch.setenv(f"METERLINE_UPSTREAMS__{upstream}__TIMEOUT_SECONDS", "2000")
     with pytest.raises(SettingsError, match=rf"hold_ttl_seconds \(900\) must exceed the slowest upstream's "
                                             rf"timeout_seconds \({upstream.lower()}\) plus drain_seconds \(2030\)"):
@@ -78,3 +83,24 @@ def test_malformed_toml_is_reported(tmp_path: Path) -> None:
     config.write_text("port = = 1\n")
     with pytest.raises(SettingsError, match="cannot read settings file"):
         load_settings(config=config)
+
+
+async def test_start_names_each_upstream_without_a_key_and_an_unconfigured_media_upstream_is_a_clear_503(
+        aiohttp_client: Any, settings: Settings, pool: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.app import create_app
+    from tests.factories import make_customer
+
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    caplog.set_level(logging.WARNING)
+    assert "media" not in settings.upstreams  # no unusable default address
+    client = await aiohttp_client(create_app(settings))
+    assert "upstream 'openrouter' has no API key: set the environment variable OPENROUTER_API_KEY" in caplog.text
+    assert "upstream 'media' is not configured" in caplog.text
+    _, secret = await make_customer(pool, balance_micros=1_000_000)
+    resp = await client.post("/v1/images/generations", headers={"Authorization": f"Bearer {secret}"},
+                             json={"model": "gemini-3-pro-image", "prompt": "a lighthouse"})
+    body = await resp.json()
+    assert (resp.status, body["error"]["code"]) == (503, "UPSTREAM_NOT_CONFIGURED")
+    assert "[upstreams.media] base_url" in body["error"]["message"]
+    assert await pool.fetchval("SELECT count(*) FROM holds") == 0

@@ -377,7 +377,8 @@ def serve(database_url: str, server: TestServer, *, poll_seconds: float
     """`meterline serve` on the test database, polling the fake media upstream every `poll_seconds`."""
     return meterline_serve({
         "METERLINE_DATABASE_URL": database_url, "METERLINE_VIDEO_POLL_SECONDS": str(poll_seconds),
-        "METERLINE_UPSTREAMS__MEDIA__BASE_URL": str(server.make_url("/v1")), "MEDIA_API_KEY": UPSTREAM_KEY,
+        "METERLINE_UPSTREAMS__MEDIA__BASE_URL": str(server.make_url("/v1")),
+        "METERLINE_UPSTREAMS__MEDIA__API_KEY_ENV": "MEDIA_API_KEY", "MEDIA_API_KEY": UPSTREAM_KEY,
     })
 
 
