@@ -10,6 +10,7 @@ from aiohttp import web
 
 from billing import limits
 from billing.keys import ApiKey
+from gateway import logs
 from gateway.bodies import header
 from gateway.errors import REQUEST_ID, REQUEST_ID_HEADER, ApiError, Handler, unauthenticated
 from gateway.keys import API_KEY, KEY_STORE, POOL, SETTINGS
@@ -39,6 +40,7 @@ async def authenticate(request: web.Request) -> ApiKey:
             raise rate_limited(key, decision)
         request[RATE_HEADERS] = rate_headers(key, decision)[0]
     request[API_KEY] = key
+    logs.bind(account_id=key.account_id, key_id=key.id)
     return key
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from billing import accounts, db, exports, keys, ledger, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
-from gateway import admin_token
+from gateway import admin_token, logs
 from gateway.render import dumps
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -247,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings()
+        logs.configure(settings.log_format)
         status: int = args.func(settings, args)
     except SettingsError as exc:
         print(f"meterline: {exc}", file=sys.stderr)

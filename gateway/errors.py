@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from billing import errors as billing_errors
 from billing.accounts import new_id
+from gateway import logs
 from gateway.render import iso, json_response
 
 log = logging.getLogger("meterline.errors")
@@ -119,6 +120,7 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LA
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = new_id("req")
+    logs.start(request[REQUEST_ID])
     if "%00" in request.raw_path:
         # PostgreSQL text cannot hold NUL: refuse it here rather than let it reach a query as an id or filter.
         return invalid("The request path or query contains a NUL character (%00)").response()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # aiohttp's per-request access log line. Off by default: every billed call already has its request record,
     # and formatting and writing the line cost about 90 µs of CPU per request (bench/, 13% of a request).
     access_log: bool = False
+    # Log lines as JSON (one object a line, with the request's ids) or text; auto: JSON unless on a terminal.
+    log_format: Literal["auto", "json", "text"] = "auto"
     # `meterline serve` runs on uvloop's event loop: bench/ measured 8-10% less CPU per billed request than
     # asyncio's own (whose transports are Python), at concurrency 1 and 32. False: asyncio's loop.
     uvloop: bool = True

@@ -9,13 +9,10 @@ gets and waits for the workers to finish their graceful shutdown (settlements in
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import signal
 from types import FrameType
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _worker(database_url: str | None, host: str, port: int) -> None:
@@ -24,14 +21,14 @@ def _worker(database_url: str | None, host: str, port: int) -> None:
     # exit, not a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        from gateway import admin_token
+        from gateway import admin_token, logs
         from gateway.app import serve
         from gateway.settings import load_settings
 
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         # Spawned, not forked: the worker reads the same settings afresh, with the parent's database URL
         # (which may name the embedded server the parent started).
         settings, _ = admin_token.ensure(load_settings(database_url=database_url))  # the parent made it
+        logs.configure(settings.log_format)
         serve(settings, host=host, port=port, reuse_port=True, print=None)
     except KeyboardInterrupt:
         return
