@@ -40,6 +40,8 @@ from billing.records import Outcome, RequestRecord
 from billing.tasks import TaskOwner
 
 log = logging.getLogger("meterline.holds")
+# Jitter from a generator of our own: the global `random` state belongs to whoever else shares the process.
+_JITTER = random.Random()
 
 T = TypeVar("T")
 
@@ -57,7 +59,7 @@ async def durably(call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
         except DatabaseUnavailable:
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await asyncio.sleep(delay * _JITTER.uniform(0.5, 1.0))
             delay = min(delay * 2, _MAX_RETRY_SECONDS)
 
 

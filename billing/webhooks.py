@@ -35,6 +35,8 @@ from billing.errors import BillingError
 EVENT_TYPES = ("video.completed", "video.failed", "video.cancelled", "balance.low", "key.limit_threshold",
                "topup.posted", "webhook_endpoint.disabled")
 MAX_ENDPOINTS = 20
+# Jitter from a generator of our own: the global `random` state belongs to whoever else shares the process.
+_JITTER = random.Random()
 
 
 class EndpointNotFound(BillingError):
@@ -183,7 +185,7 @@ def retry_delay(schedule: list[float], attempts: int, retry_after: float | None)
     to 10% so retries spread out; never sooner than the answer's Retry-After."""
     if attempts >= len(schedule):
         return None
-    delay = schedule[attempts] * random.uniform(0.9, 1.1)
+    delay = schedule[attempts] * _JITTER.uniform(0.9, 1.1)
     return max(delay, retry_after or 0.0)
 
 

@@ -14,13 +14,15 @@ from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 
 log = logging.getLogger("meterline.tasks")
+# Jitter from a generator of our own: the global `random` state belongs to whoever else shares the process.
+_JITTER = random.Random()
 
 
 async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str) -> None:
     """Run `step` every `seconds` (with jitter, so processes spread out) until cancelled; a failed step is
     retried on the next tick: a database outage (logged once by billing.db) must not end the loop."""
     while True:
-        await asyncio.sleep(seconds * random.uniform(0.8, 1.2))
+        await asyncio.sleep(seconds * _JITTER.uniform(0.8, 1.2))
         try:
             await step()
         except DatabaseUnavailable:
