@@ -10,7 +10,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing import pricing, tokens
@@ -45,6 +45,7 @@ def stored_dialogue(draw: st.DrawFn) -> list[Turn]:
     return turns
 
 
+@settings(deadline=None)  # rules, not timings: a loaded machine must not fail them
 @given(stored_dialogue(), st.integers(0, 3_000))
 def test_history_is_trimmed_by_whole_exchanges_oldest_first_to_the_least_that_fits(
         dialogue: list[Turn], room: int) -> None:
@@ -65,6 +66,7 @@ def test_history_is_trimmed_by_whole_exchanges_oldest_first_to_the_least_that_fi
             dialogue[start - 1].role == "tool"
 
 
+@settings(deadline=None)  # rules, not timings: a loaded machine must not fail them
 @given(st.lists(st.tuples(st.sampled_from(["system", "developer", "user", "assistant"]), words), max_size=6),
        st.lists(st.tuples(st.sampled_from(["system", "user", "tool"]), words), min_size=1, max_size=4),
        st.booleans())
@@ -90,6 +92,7 @@ def test_the_replay_is_instructions_then_memory_then_the_dialogue(
     assert sent.count(context.memory) == (1 if with_memory else 0)
 
 
+@settings(deadline=None)  # rules, not timings: a loaded machine must not fail them
 @given(st.integers(0, 20_000), st.integers(1, 5_000), st.integers(0, 4_000), st.integers(0, 4_000),
        st.integers(1, 30_000_000), st.integers(1, 30_000_000))
 def test_dry_run_lines_with_history_and_memory_add_up_to_the_hold(
@@ -105,6 +108,7 @@ def test_dry_run_lines_with_history_and_memory_add_up_to_the_hold(
     assert sum(line.billable_quantity for line in lines if line.type != "output") == padded
 
 
+@settings(deadline=None)  # rules, not timings: a loaded machine must not fail them
 @given(st.text(max_size=60), st.text(max_size=30), st.lists(st.integers(1, 7), min_size=1, max_size=12))
 def test_a_streamed_answer_is_put_back_together_however_it_was_cut(content: str, arguments: str,
                                                                   cuts: list[int]) -> None:
