@@ -36,6 +36,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -278,7 +279,7 @@ async def _first_kept(dialogue: list[Turn], instructions: list[Turn], context: C
     return start
 
 
-def itemised(estimate: Estimate, prices: TokenPrices, *, safety_factor: Any, history_tokens: int,
+def itemised(estimate: Estimate, prices: TokenPrices, *, safety_factor: Decimal, history_tokens: int,
              memory_tokens: int) -> Estimate:
     """A chat estimate with its replayed history and recalled memory as their own input lines (`history`,
     `memory`), each priced on its count padded like the prompt; the `input` line keeps the rest of the prompt's

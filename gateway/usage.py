@@ -29,6 +29,11 @@ def query_time(request: web.Request, name: str, *, required: bool = False) -> da
         if required:
             raise invalid(f"{name} is required (an ISO-8601 timestamp such as 2026-03-01T00:00:00Z)", name)
         return None
+    return parse_time(raw, name)
+
+
+def parse_time(raw: str, name: str) -> datetime:
+    """An ISO-8601 timestamp or date as an aware UTC datetime (no zone: UTC); a 400 naming `name` otherwise."""
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
         # Normalised to UTC here, so an offset that pushes it past year 1..9999 is a 400, not a driver error.

@@ -9,7 +9,7 @@ be a filter (a bad date, an overlong text, a cursor no page gave) is a 400 namin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import cast
 from urllib.parse import urlencode
 
@@ -20,6 +20,7 @@ from billing import requests_log, videos
 from gateway.console.common import render, text_field
 from gateway.errors import invalid, not_found
 from gateway.keys import POOL
+from gateway.usage import parse_time
 
 PAGE = 50
 MAX_FILTER = 200
@@ -43,16 +44,14 @@ def _period_bound(query: MultiDictProxy[str], name: str, *, end: bool) -> dateti
     text = text_field(query, name, max_length=40)
     if text is None:
         return None
+    moment = parse_time(text, name)
     try:
-        try:
-            day = date.fromisoformat(text)
-        except ValueError:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-            # Normalised here, so an offset that pushes it past year 1..9999 is a 400, not a driver error.
-            return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-        start = datetime.combine(day, time(), tzinfo=UTC)
-        return start + timedelta(days=1) if end else start
-    except (ValueError, OverflowError):
+        date.fromisoformat(text)
+    except ValueError:
+        return moment  # a timestamp: the bound itself
+    try:
+        return moment + timedelta(days=1) if end else moment
+    except OverflowError:
         raise invalid(f"{name} must be {_PERIOD_HELP}", name) from None
 
 
