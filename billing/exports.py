@@ -69,6 +69,7 @@ REQUEST_COLUMNS: dict[str, str] = {
     "estimated": "true when the charge was priced from an estimate",
     "overrun_micros": "the part of the charge above the hold",
     "duration_ms": "time from dispatch to the end of the response",
+    "client_request_id": "the caller's own X-Request-Id, when it sent a usable one",
 }
 
 _LEDGER_SQL = """
@@ -86,7 +87,7 @@ _REQUESTS_SQL = """
     SELECT id, created_at, finished_at, account_id, key_id, model, modality, endpoint, upstream, status,
            billing_status, error_code, "user", prompt_tokens, completion_tokens, cached_tokens,
            reasoning_tokens, quantity, hold_micros, cost_micros, upstream_cost_micros, estimated,
-           overrun_micros, duration_ms
+           overrun_micros, duration_ms, client_request_id
       FROM requests
      WHERE created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR account_id = $3)
      ORDER BY created_at, id

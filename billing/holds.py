@@ -254,6 +254,7 @@ class Hold:
                           self.request_id)
             minimal = RequestRecord(model=self.record.model, modality=self.record.modality,
                                     endpoint=self.record.endpoint, upstream=self.record.upstream,
+                                    client_request_id=self.record.client_request_id,
                                     status=outcome.status).as_json()
             return await durably(lambda: step(minimal))
 

@@ -56,6 +56,7 @@ class RequestRecord:
     upstream_cost_micros: int | None = None
     usage: dict[str, Any] | None = None
     duration_ms: int | None = None
+    client_request_id: str | None = None  # the caller's own X-Request-Id (gateway.errors.client_request_id)
 
     def as_json(self, outcome: Outcome | None = None, *, duration_ms: int | None = None) -> dict[str, Any]:
         """The jsonb `meterline_record` reads: this record's set fields with the outcome's laid over them (an

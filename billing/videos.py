@@ -45,6 +45,7 @@ class NewVideo:
     seconds: int
     price_micros: int
     webhook_url: str | None = None  # the job's own webhook URL, besides the account's endpoints
+    client_request_id: str | None = None  # the creating call's X-Request-Id, for the record written at the end
 
 
 # Builds the data of a video's webhook event (the video object, as GET /videos/{id} shows it) from its finished row.
@@ -73,12 +74,14 @@ async def create(
                          amount_micros=job.price_micros, ttl_seconds=hold_ttl_seconds, key_id=job.key_id)
     row = await conn.fetchrow(
         """INSERT INTO videos (id, account_id, key_id, request_id, model, upstream, endpoint, prompt, size,
-                               seconds, price_micros, deadline_at, lease_owner, lease_until, webhook_url)
+                               seconds, price_micros, deadline_at, lease_owner, lease_until, webhook_url,
+                               client_request_id)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                   now() + make_interval(secs => $12), $13, now() + make_interval(secs => $14), $15)
+                   now() + make_interval(secs => $12), $13, now() + make_interval(secs => $14), $15, $16)
            RETURNING *""",
         video_id, job.account_id, job.key_id, request_id, job.model, job.upstream, job.endpoint, job.prompt,
         job.size, job.seconds, job.price_micros, max_job_seconds, lease_owner, lease_seconds, job.webhook_url,
+        job.client_request_id,
     )
     assert row is not None
     return dict(row), reservation
@@ -120,6 +123,7 @@ def record(job: dict[str, Any], status: str, *, error_code: str | None = None) -
     duration = datetime.now(UTC) - job["created_at"]
     return RequestRecord(model=job["model"], modality="video", endpoint=job["endpoint"], upstream=job["upstream"],
                          quantity=job["seconds"], status=status, error_code=error_code,
+                         client_request_id=job["client_request_id"],
                          duration_ms=max(0, int(duration.total_seconds() * 1000))).as_json()
 
 

@@ -27,7 +27,7 @@ from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_outcome
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import REQUEST_ID, ApiError
+from gateway.errors import REQUEST_ID, ApiError, client_request_id
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS, TASKS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
@@ -69,7 +69,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     target = upstream.upstream_named(app, entry.upstream)
     steps = None if context is None else chat_state.steps(app, context, key, entry, new_messages)
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
-        model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user),
+        model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user,
+        client_request_id=client_request_id(request)),
         steps=steps)
     quote, _, output_tokens = await text.reserve(hold, quote)
     try:  # from here on the hold exists: every way out of this block ends it

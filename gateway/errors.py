@@ -9,6 +9,7 @@ leaks no detail.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every request's id: the request record's and the hold's id on billed routes, and X-Request-Id on the response.
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_ID_HEADER = "X-Request-Id"
+# A client's own X-Request-Id, kept as `client_request_id` on its record and log lines when it is an id: the
+# characters of UUIDs, ULIDs, base64 and the usual prefixes ("req_", "trace:"), at most 128 of them. Anything else
+# (spaces, quotes, control characters, a pasted secret's length) is ignored rather than refused: the header is
+# the client's tracing aid, and no call should fail over it. Meterline's own id is still the one returned.
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 # What a client told to come back after a database outage waits: long enough not to hammer a restarting server,
 # short enough that the OpenAI SDKs' retry (which honours Retry-After) rides out a restart.
 RETRY_AFTER_SECONDS = 2
@@ -120,7 +127,12 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LA
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = new_id("req")
-    logs.start(request[REQUEST_ID])
+    client_id = request.headers.get(REQUEST_ID_HEADER)
+    if client_id is not None and _CLIENT_REQUEST_ID.fullmatch(client_id):
+        request[CLIENT_REQUEST_ID] = client_id
+    else:
+        client_id = None
+    logs.start(request[REQUEST_ID], client_id)
     if "%00" in request.raw_path:
         # PostgreSQL text cannot hold NUL: refuse it here rather than let it reach a query as an id or filter.
         return invalid("The request path or query contains a NUL character (%00)").response()
@@ -149,6 +161,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # detail. CancelledError is a BaseException and passes through untouched.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return ApiError(500, "INTERNAL_ERROR", "Internal error", type="server_error").response()
+
+
+def client_request_id(request: web.Request) -> str | None:
+    """The client's own request id, when it sent a usable X-Request-Id."""
+    return request.get(CLIENT_REQUEST_ID)
 
 
 def _allow_header(exc: web.HTTPException) -> dict[str, str] | None:

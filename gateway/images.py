@@ -27,7 +27,7 @@ from gateway import bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import REQUEST_ID, invalid
+from gateway.errors import REQUEST_ID, client_request_id, invalid
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.multipart import Form, multipart_body, read_form
 from gateway.render import json_response, usd_number
@@ -179,7 +179,8 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id,
                            steps=app[HOLDS].claimed(claim),
                            record=RequestRecord(model=model, modality="image", endpoint=request.path,
-                                                upstream=upstream.name, quantity=quote.n))
+                                                upstream=upstream.name, quantity=quote.n,
+                                                client_request_id=client_request_id(request)))
     failure, outcome = "the request did not complete", Outcome(status="cancelled", error_code="CANCELLED")
     try:
         await hold.reserve(quote.hold_micros)

@@ -1,9 +1,10 @@
 """Structured logs: JSON lines when the log does not go to a terminal (a service, a container, a file), readable
 text on a terminal; `log_format` (auto, json, text) chooses.
 
-Every line logged while a request is handled carries its `request_id`, and `account_id` and `key_id` once the key
-is known, from a context variable the error middleware and authentication set. Tasks started while handling the
-request (a settlement, a stream drained after its client left) copy the context, so their lines carry them too.
+Every line logged while a request is handled carries its `request_id` (and `client_request_id` when the client sent
+a usable X-Request-Id of its own), and `account_id` and `key_id` once the key is known, from a context variable the
+error middleware and authentication set. Tasks started while handling the request (a settlement, a stream drained
+after its client left) copy the context, so their lines carry them too.
 Nothing secret is put in the context: ids only.
 """
 
@@ -21,9 +22,11 @@ CONTEXT: ContextVar[dict[str, str]] = ContextVar("meterline_log_context", defaul
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def start(request_id: str) -> None:
-    """A new request: its context starts afresh (a connection's next request must not inherit the last one's)."""
-    CONTEXT.set({"request_id": request_id})
+def start(request_id: str, client_request_id: str | None = None) -> None:
+    """A new request: its context starts afresh (a connection's next request must not inherit the last one's).
+    `client_request_id` is the client's own X-Request-Id, already checked to be a plain id."""
+    CONTEXT.set({"request_id": request_id} if client_request_id is None
+                else {"request_id": request_id, "client_request_id": client_request_id})
 
 
 def bind(**ids: str | None) -> None:
@@ -49,7 +52,7 @@ class JsonFormatter(logging.Formatter):
                 "+00:00", "Z"),
             "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
         }
-        for name in ("request_id", "account_id", "key_id"):
+        for name in ("request_id", "client_request_id", "account_id", "key_id"):
             value = getattr(record, name, None)
             if value is not None:
                 line[name] = value

@@ -68,6 +68,7 @@ def render_record(row: dict[str, Any]) -> dict[str, Any]:
         "status": row["status"],
         "duration_ms": row["duration_ms"],
         "key_id": row["key_id"],
+        "client_request_id": row["client_request_id"],
         "error_code": row["error_code"],
         "error_message": row["error_message"],
         "user": row["user"],
@@ -96,6 +97,7 @@ async def list_requests(request: web.Request) -> web.Response:
         model=_query_text(request, "model"),
         key_id=_query_text(request, "key_id"),
         status=_query_text(request, "status"),
+        client_request_id=_query_text(request, "client_request_id"),
     )
     limit = query_int(request, "limit", default=50, low=1, high=500)
     cursor = request.query.get("cursor") or None

@@ -25,7 +25,7 @@ from gateway import bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
-from gateway.errors import REQUEST_ID, ApiError, invalid, not_found
+from gateway.errors import REQUEST_ID, ApiError, client_request_id, invalid, not_found
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
@@ -121,7 +121,8 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         app[POOL],
         videos.NewVideo(request_id=request[REQUEST_ID], account_id=key.account_id, key_id=key.id, model=model,
                         upstream=upstream.name, endpoint=request.path, prompt=prompt, size=quote.size,
-                        seconds=quote.seconds, price_micros=quote.hold_micros, webhook_url=webhook_url),
+                        seconds=quote.seconds, price_micros=quote.hold_micros, webhook_url=webhook_url,
+                        client_request_id=client_request_id(request)),
         event_data=event_data(app),
         idempotency=(idem.scope("videos", key.account_id), idem_key, fingerprint) if idem_key else None,
         # The hold outlives the longest job plus the time to notice it finished, so it never expires first.
@@ -132,7 +133,8 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     )
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, steps=steps,
                            record=RequestRecord(model=model, modality="video", endpoint=request.path,
-                                                upstream=upstream.name, quantity=quote.seconds))
+                                                upstream=upstream.name, quantity=quote.seconds,
+                                                client_request_id=client_request_id(request)))
     await hold.reserve(quote.hold_micros)
     assert steps.job is not None
     if steps.replayed:

@@ -84,7 +84,7 @@ async def test_a_record_has_the_lumenfall_shape_with_exact_cost(client: TestClie
     rid = await billed_request(
         pool, account, key_id=key_id, hold_micros=90_000, cost_micros=45_001,
         record={"model": "flux-pro", "modality": "image", "endpoint": "/openai/v1/images/generations",
-                "duration_ms": 2340, "user": "u-7", "quantity": 1},
+                "duration_ms": 2340, "user": "u-7", "quantity": 1, "client_request_id": "trace-1"},
     )
     resp = await client.get(f"/openai/v1/requests/{rid}", headers=_auth(secret))
     assert resp.status == 200
@@ -94,7 +94,8 @@ async def test_a_record_has_the_lumenfall_shape_with_exact_cost(client: TestClie
     assert body == {
         "id": rid, "object": "request", "model": "flux-pro", "modality": "image",
         "endpoint": "/openai/v1/images/generations", "status": "completed", "duration_ms": 2340,
-        "key_id": key_id, "error_code": None, "error_message": None, "user": "u-7", "cost_micros": 45_001,
+        "key_id": key_id, "client_request_id": "trace-1", "error_code": None, "error_message": None, "user": "u-7",
+        "cost_micros": 45_001,
         "cost": "0.045001", "currency": "usd", "estimated": False, "billing_status": "settled",
         "usage": {"prompt_tokens": None, "completion_tokens": None, "cached_tokens": None,
                   "reasoning_tokens": None, "quantity": 1},
