@@ -162,12 +162,17 @@ CREATE TABLE requests (
     duration_ms          integer,
     created_at           timestamptz NOT NULL,
     finished_at          timestamptz NOT NULL DEFAULT now(),
-    client_request_id    text  -- the caller's own X-Request-Id, when it sent a usable one
+    client_request_id    text,  -- the caller's own X-Request-Id, when it sent a usable one
+    provider             text,  -- the provider that served the call (a model with several: issue 15)
+    provider_model       text,  -- the model id that provider was sent
+    attempts             jsonb,  -- every provider tried: [{provider, upstream_status, error_code, duration_ms}]
+    generation_id        text  -- the upstream's own id of the call (OpenRouter's gen-..., a video job's id)
 );
 CREATE INDEX requests_account_created ON requests (account_id, created_at DESC, id DESC);
 CREATE INDEX requests_created ON requests (created_at, id);
 CREATE INDEX requests_account_client_request ON requests (account_id, client_request_id)
     WHERE client_request_id IS NOT NULL;
+CREATE INDEX requests_account_generation ON requests (account_id, generation_id) WHERE generation_id IS NOT NULL;
 
 CREATE TABLE idempotency_keys (
     scope         text NOT NULL,
@@ -398,7 +403,8 @@ BEGIN
     INSERT INTO requests (id, account_id, key_id, model, modality, endpoint, upstream, status, billing_status,
                           error_code, error_message, "user", prompt_tokens, completion_tokens, cached_tokens,
                           reasoning_tokens, quantity, hold_micros, cost_micros, upstream_cost_micros, estimated,
-                          overrun_micros, usage, duration_ms, created_at, client_request_id)
+                          overrun_micros, usage, duration_ms, created_at, client_request_id, provider,
+                          provider_model, attempts, generation_id)
     VALUES (p_request_id, p_hold.account_id, p_hold.key_id, p_record->>'model', p_record->>'modality',
             p_record->>'endpoint', p_record->>'upstream', COALESCE(p_record->>'status', 'completed'),
             p_billing_status, p_record->>'error_code', p_record->>'error_message', p_record->>'user',
@@ -407,7 +413,8 @@ BEGIN
             (p_record->>'quantity')::bigint, p_hold.amount_micros, p_cost,
             (p_record->>'upstream_cost_micros')::bigint, p_estimated, p_overrun,
             NULLIF(p_record->'usage', 'null'::jsonb), (p_record->>'duration_ms')::integer, p_hold.created_at,
-            p_record->>'client_request_id')
+            p_record->>'client_request_id', p_record->>'provider', p_record->>'provider_model',
+            NULLIF(p_record->'attempts', 'null'::jsonb), p_record->>'generation_id')
     ON CONFLICT (id) DO NOTHING;
     IF NOT FOUND THEN  -- recorded already: counted already
         RETURN;
@@ -628,6 +635,8 @@ CREATE TABLE videos (
     lease_until  timestamptz,
     webhook_url  text,  -- the job's own webhook URL (Lumenfall's), besides the account's endpoints
     client_request_id text,  -- the creating call's X-Request-Id, for the record written when the job ends
+    provider     text,  -- the provider that accepted the job: polling, content and settlement go to it
+    provider_model text,  -- the model id that provider was sent
     CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
 );
 CREATE INDEX videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');
@@ -962,4 +971,5 @@ INSERT INTO meterline_migrations (version, name) VALUES
     (4, 'console'),
     (5, 'usage_daily'),
     (6, 'webhooks'),
-    (7, 'client_request_id');
+    (7, 'client_request_id'),
+    (8, 'providers');

@@ -70,6 +70,9 @@ REQUEST_COLUMNS: dict[str, str] = {
     "overrun_micros": "the part of the charge above the hold",
     "duration_ms": "time from dispatch to the end of the response",
     "client_request_id": "the caller's own X-Request-Id, when it sent a usable one",
+    "provider": "the provider that served it (a model with several providers)",
+    "provider_model": "the model id that provider was sent",
+    "generation_id": "the upstream's own id of the call",
 }
 
 _LEDGER_SQL = """
@@ -87,7 +90,7 @@ _REQUESTS_SQL = """
     SELECT id, created_at, finished_at, account_id, key_id, model, modality, endpoint, upstream, status,
            billing_status, error_code, "user", prompt_tokens, completion_tokens, cached_tokens,
            reasoning_tokens, quantity, hold_micros, cost_micros, upstream_cost_micros, estimated,
-           overrun_micros, duration_ms, client_request_id
+           overrun_micros, duration_ms, client_request_id, provider, provider_model, generation_id
       FROM requests
      WHERE created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR account_id = $3)
      ORDER BY created_at, id

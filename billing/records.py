@@ -34,6 +34,7 @@ class Outcome:
     upstream_cost_micros: int | None = None
     usage: dict[str, Any] | None = None
     duration_ms: int | None = None
+    generation_id: str | None = None  # the upstream's own id of the call (OpenRouter's gen-..., a video job's id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,12 @@ class RequestRecord:
     usage: dict[str, Any] | None = None
     duration_ms: int | None = None
     client_request_id: str | None = None  # the caller's own X-Request-Id (gateway.errors.client_request_id)
+    # Which provider served the call (a model with several: gateway.failover), under which model id, and every
+    # provider tried: [{provider, upstream_status, error_code, duration_ms}].
+    provider: str | None = None
+    provider_model: str | None = None
+    attempts: list[dict[str, Any]] | None = None
+    generation_id: str | None = None
 
     def as_json(self, outcome: Outcome | None = None, *, duration_ms: int | None = None) -> dict[str, Any]:
         """The jsonb `meterline_record` reads: this record's set fields with the outcome's laid over them (an

@@ -17,6 +17,8 @@ GROUPS = {
     "model": "COALESCE(model, '')",
     "day": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "account": "account_id",
+    # The provider that served the call; records from before providers (or of single-upstream models) by upstream.
+    "provider": "COALESCE(provider, upstream, '')",
 }
 
 FLAG_KINDS = ("estimated", "overrun", "expired_then_settled", "expired_unsettled")

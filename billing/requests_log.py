@@ -22,7 +22,7 @@ RECORD_COLUMNS = """
     id, account_id, key_id, model, modality, endpoint, upstream, status, billing_status, error_code,
     error_message, "user", prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, quantity,
     hold_micros, cost_micros, upstream_cost_micros, estimated, overrun_micros, duration_ms, created_at,
-    finished_at, client_request_id
+    finished_at, client_request_id, provider, provider_model, attempts, generation_id
 """
 
 
@@ -51,6 +51,8 @@ class RequestFilter:
     estimated: bool | None = None
     overrun: bool | None = None
     client_request_id: str | None = None
+    generation_id: str | None = None
+    provider: str | None = None
 
     def where(self, first: int = 1) -> tuple[str, list[Any]]:
         """The SQL condition and its arguments, numbered from `$first`."""
@@ -66,6 +68,8 @@ class RequestFilter:
             ("modality", "=", self.modality),
             ("estimated", "=", self.estimated),
             ("client_request_id", "=", self.client_request_id),
+            ("generation_id", "=", self.generation_id),
+            ("provider", "=", self.provider),
         ):
             if value is not None:
                 clauses.append(f"{column} {op} ${first + len(args)}")

@@ -31,7 +31,9 @@ from gateway import (
     webhook_worker,
     webhooks_api,
 )
+from gateway.breaker import Breakers
 from gateway.errors import error_middleware
+from gateway.failover import BREAKERS
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
 from gateway.render import json_response
 from gateway.settings import Settings, SettingsError
@@ -121,6 +123,8 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app.on_response_prepare.append(auth.stamp_response)
     app[SETTINGS] = settings
+    app[BREAKERS] = Breakers(threshold=settings.provider_failure_threshold,
+                             cooldown_seconds=settings.provider_cooldown_seconds)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(tasks_ctx)  # after the pool and the session, so it is closed (drained) before them

@@ -1,14 +1,18 @@
 """`POST chat/completions`: the billed request, non-streaming and streaming, and its `?dryRun=true` estimate.
 
 route → key → validate (gateway.chat_request) → quote and hold (billing.text, billing.holds) → forward the body
-built from the validated request, with the output limit the hold covers → settle from the upstream's usage
-(estimated only when it is absent) → answer. Every hold ends settled or voided, whatever happens to the client or
-the handler (billing.holds).
+built from the validated request, with the output limit the hold covers, to the model's providers in turn until one
+serves it (gateway.failover) → settle from the upstream's usage (estimated only when it is absent) → answer. Every
+hold ends settled or voided, whatever happens to the client or the handler (billing.holds).
+
+Zero-completion insurance: an answer of zero completion tokens whose choices ended in an error or never finished
+is not charged (its hold is voided, and its record says EMPTY_COMPLETION), as OpenRouter does it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,12 +29,21 @@ from gateway.bodies import dry_run, read_json_object
 from gateway.chat_answer import AnswerEdits
 from gateway.chat_request import ChatRequest, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
-from gateway.chat_usage import choice_texts, estimated_usage, priced_usage, usage_outcome
+from gateway.chat_usage import (
+    choice_texts,
+    empty_completion,
+    estimated_usage,
+    generation_id,
+    priced_usage,
+    usage_outcome,
+)
 from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import REQUEST_ID, ApiError, client_request_id
+from gateway.failover import Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS, TASKS
 from gateway.models_api import resolve_model
 from gateway.render import json_response
+from gateway.routing import Route
 from gateway.settings import Settings
 
 REDUCED_HEADER = "X-Max-Tokens-Reduced-To"
@@ -61,12 +74,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     context = await chat_state.context_for(app, key, chat, entry, output_allowance=allowance, rules=rules)
     if context is not None:
         chat = chat.with_messages(context.messages(new_messages))
+    # A model with providers reads the request's `provider` preference itself; others forward it upstream.
+    routing = Routing(app, entry, chat.forwarded.get("provider"))
     quote = await TextQuote.of(chat.prompt, entry.prices, max_output=allowance, n=chat.n, rules=rules)
     if is_dry_run:
         quote, available = await text.dry_run(app[POOL], quote, account_id=key.account_id, key_id=key.id)
         estimate = await chat_state.itemised(quote.estimate, entry.prices, context, rules)
-        return json_response(estimate.as_dict(model=entry.id, provider=entry.upstream, available_micros=available))
-    target = upstream.upstream_named(app, entry.upstream)
+        return json_response(estimate.as_dict(model=entry.id, provider=routing.first.name,
+                                              available_micros=available))
+    routing.check_configured()
     steps = None if context is None else chat_state.steps(app, context, key, entry, new_messages)
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
         model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user,
@@ -77,11 +93,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers: dict[str, str] = {}
         if output_tokens < quote.max_output:
             headers[REDUCED_HEADER] = str(output_tokens)
-        payload = upstream_body(chat, model_id=entry.forwarded_id, output_tokens=output_tokens,
-                                output_field=entry.output_limit_field)
+
+        def payload(route: Route) -> dict[str, Any]:
+            body = upstream_body(chat, model_id=route.model, output_tokens=output_tokens,
+                                 output_field=entry.output_limit_field)
+            if routing.routed:
+                body.pop("provider", None)  # Meterline's own routing read it
+            return body
+
         if chat.stream:
-            return await _stream(request, hold, quote, chat, target, payload, headers, entry, context)
-        return await _complete(app, hold, quote, target, payload, headers, entry, context)
+            return await _stream(request, hold, quote, chat, routing, payload, headers, entry, context)
+        return await _complete(app, hold, quote, routing, payload, headers, entry, context)
     except asyncio.CancelledError:
         hold.void_soon("cancelled", Outcome(status="cancelled", error_code="CANCELLED"))
         raise
@@ -104,60 +126,102 @@ def _answer_message(answer: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-async def _complete(app: web.Application, hold: Hold, quote: TextQuote, target: upstream.Upstream,
-                    payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
+async def _complete(app: web.Application, hold: Hold, quote: TextQuote, routing: Routing,
+                    payload: Callable[[Route], dict[str, Any]], headers: dict[str, str], entry: CatalogEntry,
                     context: Context | None) -> web.Response:
     edits = AnswerEdits(entry)
-    try:
-        async with upstream.request(app, target, "POST", "chat/completions", json_body=payload) as response:
+
+    async def send(route: Route, target: upstream.Upstream) -> dict[str, Any]:
+        async with upstream.request(app, target, "POST", "chat/completions", json_body=payload(route)) as response:
             answer = await response.json()
         if not isinstance(answer, dict):
             raise upstream.UpstreamError(502, "UPSTREAM_ERROR", f"The upstream {target.name} sent a malformed "
                                          "response", upstream_status=response.status)
+        return answer
+
+    try:
+        answer = await routing.run(hold, send)
     except upstream.UpstreamError as exc:
         await _failed(hold, exc)
         raise
+    headers.update(routing.headers())
+    cost_prices = routing.served.cost_prices if routing.served is not None else None
     raw_usage = answer.get("usage")
-    usage = pricing.parse_usage(raw_usage)
+    reported = pricing.parse_usage(raw_usage)
     stored = _answer_message(answer) if context is not None else None
-    if usage is None or not isinstance(raw_usage, dict):
+    generation = generation_id(answer)
+    usage: pricing.Usage
+    if reported is None or not isinstance(raw_usage, dict):
         # The answer was delivered but carries no usage: counting it (and a bounded prompt) can take a while, in a
         # thread. A task the app owns counts and settles, so a handler cancelled meanwhile cannot void the call.
         hold.hand_off()
-        usage = await app[TASKS].shielded(_settle_estimate(hold, quote, answer, stored),
-                                          f"settle {hold.request_id}")
+        usage, cost = await app[TASKS].shielded(
+            _settle_estimate(hold, quote, answer, stored, cost_prices, generation), f"settle {hold.request_id}")
         raw_usage = None
-    cost = pricing.cost_micros(quote.prices, usage)
-    if raw_usage is not None:
-        await hold.settle(cost, outcome=usage_outcome(usage, raw_usage), response=stored)
+    elif empty_completion(reported, answer.get("choices")):
+        usage = reported
+        cost = 0
+        await hold.void("zero-completion insurance: nothing was generated", usage_outcome(
+            usage, raw_usage, status="upstream_failure", error_code="EMPTY_COMPLETION", cost_prices=cost_prices,
+            generation_id=generation))
+    else:
+        usage = reported
+        cost = pricing.cost_micros(quote.prices, usage)
+        await hold.settle(cost, outcome=usage_outcome(usage, raw_usage, cost_prices=cost_prices,
+                                                      generation_id=generation), response=stored)
     answer["usage"] = priced_usage(raw_usage or estimated_usage(usage), cost)
     answer.update(chat_state.context_fields(entry, usage, context))
     headers["X-Cost-Micros"] = str(cost)
     return json_response(edits.answer(answer), headers=headers)
 
 
-async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any],
-                           stored: dict[str, Any] | None) -> pricing.Usage:
-    """Charge a delivered answer that reported no usage: the prompt and the generated text, counted."""
+async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any], stored: dict[str, Any] | None,
+                           cost_prices: pricing.TokenPrices | None,
+                           generation: str | None) -> tuple[pricing.Usage, int]:
+    """Charge a delivered answer that reported no usage: the prompt and the generated text, counted (nothing when
+    nothing was generated and the answer ended in an error: zero-completion insurance)."""
     completion = await tokens.count_completion(choice_texts(answer.get("choices"), "message"))
     usage = pricing.Usage(prompt_tokens=await quote.prompt_tokens(), completion_tokens=completion)
-    await hold.settle(pricing.cost_micros(quote.prices, usage), estimated=True, outcome=usage_outcome(usage, None),
-                      response=stored)
-    return usage
+    if empty_completion(usage, answer.get("choices")):
+        await hold.void("zero-completion insurance: nothing was generated", usage_outcome(
+            usage, None, status="upstream_failure", error_code="EMPTY_COMPLETION", cost_prices=cost_prices,
+            generation_id=generation))
+        return usage, 0
+    cost = pricing.cost_micros(quote.prices, usage)
+    await hold.settle(cost, estimated=True, outcome=usage_outcome(usage, None, cost_prices=cost_prices,
+                                                                  generation_id=generation), response=stored)
+    return usage, cost
 
 
-async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, target: upstream.Upstream,
-                  payload: dict[str, Any], headers: dict[str, str], entry: CatalogEntry,
+async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, routing: Routing,
+                  payload: Callable[[Route], dict[str, Any]], headers: dict[str, str], entry: CatalogEntry,
                   context: Context | None) -> web.StreamResponse:
     edits = AnswerEdits(entry)
     app = request.app
-    try:
-        opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload,
+
+    async def send(route: Route, target: upstream.Upstream) -> tuple[upstream.UpstreamResponse, upstream.EventReader]:
+        opened = await upstream.open_response(app, target, "POST", "chat/completions", json_body=payload(route),
                                               headers={"Accept": "text/event-stream"})
+        reader = upstream.EventReader(opened)
+        if routing.routed:
+            # Up to the first data event nothing has reached the client, so a failure until then can still try the
+            # next provider. (A model with one provider sends its headers at once, and such a failure as an event.)
+            try:
+                await reader.first_data()
+            except BaseException:
+                opened.close()
+                raise
+        return opened, reader
+
+    try:
+        opened, reader = await routing.run(hold, send)
     except upstream.UpstreamError as exc:
         await _failed(hold, exc)
         raise
-    relay = StreamRelay(opened, hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,
+    headers.update(routing.headers())
+    relay = StreamRelay(opened, reader=reader,
+                        cost_prices=routing.served.cost_prices if routing.served is not None else None,
+                        hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,
                         include_usage=chat.include_usage, drain_seconds=app[SETTINGS].drain_seconds,
                         settle_wait_seconds=app[SETTINGS].stream_settle_wait_seconds,
                         final_fields=lambda usage: chat_state.context_fields(entry, usage, context),

@@ -30,7 +30,14 @@ from billing.holds import Hold
 from billing.pricing import TokenPrices, Usage
 from billing.records import Outcome
 from billing.tasks import TaskOwner
-from gateway.chat_usage import choice_texts, priced_usage, usage_outcome
+from gateway.chat_usage import (
+    choice_texts,
+    empty_completion,
+    finish_reasons,
+    generation_id,
+    priced_usage,
+    usage_outcome,
+)
 from gateway.errors import ApiError
 from gateway.render import dumps
 from gateway.upstream import EventReader, UpstreamError, UpstreamResponse
@@ -62,9 +69,11 @@ class StreamRelay:
     def __init__(self, opened: UpstreamResponse, *, hold: Hold, tasks: TaskOwner, prices: TokenPrices,
                  prompt_tokens: Callable[[], Awaitable[int]], include_usage: bool, drain_seconds: float,
                  settle_wait_seconds: float, final_fields: Callable[[Usage | None], dict[str, Any]],
-                 edit: Callable[[bytes], bytes], keep_answer: bool = False) -> None:
+                 edit: Callable[[bytes], bytes], keep_answer: bool = False, reader: EventReader | None = None,
+                 cost_prices: TokenPrices | None = None) -> None:
         self.opened = opened
-        self.reader = EventReader(opened)
+        self.reader = reader or EventReader(opened)  # one that already read ahead keeps what it read
+        self.cost_prices = cost_prices  # the serving provider's configured cost price, if it has one
         self.hold = hold
         self.tasks = tasks
         self.prices = prices
@@ -77,6 +86,7 @@ class StreamRelay:
         self.usage_raw: dict[str, Any] | None = None
         self.usage: Usage | None = None
         self.cost: int | None = None
+        self.insured = False  # nothing was generated and the stream ended in an error: not charged
         self.ended = False  # the upstream stream is over (finished, failed or cut)
         self.failure: ApiError | None = None
         self.client_gone = False
@@ -195,6 +205,9 @@ class StreamRelay:
         if self.usage is None:  # the first usage chunk is the one charged
             self.usage_raw, self.usage = raw, usage
             self.cost = pricing.cost_micros(self.prices, usage)
+            if usage.completion_tokens == 0 and empty_completion(usage, finish_reasons(self._parsed(
+                    self.delivered + ([self.finishing] if self.finishing is not None else [])))):
+                self.insured, self.cost = True, 0  # zero-completion insurance: the client is shown no charge
         if self.include_usage:
             data["usage"] = priced_usage(raw, self.cost or 0)
             data.update(self.final_fields(self.usage))
@@ -259,11 +272,18 @@ class StreamRelay:
             status, code, message = "upstream_failure", self.failure.code, self.failure.message
         elif interrupted:
             status, code = "cancelled", "CLIENT_DISCONNECTED" if self.client_gone else "CANCELLED"
+        chunks = self._parsed(self.delivered + self.sending)
+        generation = next((found for chunk in chunks if (found := generation_id(chunk)) is not None), None)
         if self.usage is not None and self.cost is not None:
+            if self.insured:
+                await self.hold.void("zero-completion insurance: nothing was generated", usage_outcome(
+                    self.usage, self.usage_raw, status="upstream_failure", error_code="EMPTY_COMPLETION",
+                    error_message=message, cost_prices=self.cost_prices, generation_id=generation))
+                return
             self.charged_usage = self.usage
             await self.hold.settle(self.cost, outcome=usage_outcome(
-                self.usage, self.usage_raw, status=status, error_code=code, error_message=message),
-                response=self._answer())
+                self.usage, self.usage_raw, status=status, error_code=code, error_message=message,
+                cost_prices=self.cost_prices, generation_id=generation), response=self._answer())
             return
         texts = self.delivered_texts()
         if self.failure is not None and not any(texts):
@@ -275,7 +295,8 @@ class StreamRelay:
                       completion_tokens=await tokens.count_completion(texts))
         self.charged_usage = usage
         await self.hold.settle(pricing.cost_micros(self.prices, usage), estimated=True, outcome=usage_outcome(
-            usage, None, status=status, error_code=code, error_message=message), response=self._answer())
+            usage, None, status=status, error_code=code, error_message=message, cost_prices=self.cost_prices,
+            generation_id=generation), response=self._answer())
 
     def _answer(self) -> dict[str, Any] | None:
         """The answer as the client received it (choice 0), for a stored conversation."""

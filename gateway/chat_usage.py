@@ -29,17 +29,54 @@ def estimated_usage(usage: pricing.Usage) -> dict[str, Any]:
 
 
 def usage_outcome(usage: pricing.Usage, raw: dict[str, Any] | None, *, status: str = "completed",
-                  error_code: str | None = None, error_message: str | None = None) -> Outcome:
-    """The request record's outcome for a settled call; `raw` is the upstream's usage (None when estimated)."""
+                  error_code: str | None = None, error_message: str | None = None,
+                  cost_prices: pricing.TokenPrices | None = None, generation_id: str | None = None) -> Outcome:
+    """The request record's outcome for a settled call; `raw` is the upstream's usage (None when estimated). The
+    upstream cost is the one the provider reported, else (a provider with a configured cost price) that price
+    times the usage, by the one rounding rule."""
+    reported = pricing.usd_to_micros_rounded(raw.get("cost")) if raw else None
+    if reported is None and cost_prices is not None:
+        reported = pricing.cost_micros(cost_prices, usage)
     return Outcome(
         status=status, error_code=error_code, error_message=error_message,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
-        upstream_cost_micros=pricing.usd_to_micros_rounded(raw.get("cost")) if raw else None,
+        upstream_cost_micros=reported,
         usage=raw,
+        generation_id=generation_id,
     )
+
+
+def generation_id(answer: Any) -> str | None:
+    """The upstream's own id of a completion (OpenRouter's `gen-...`), from an answer or a stream chunk."""
+    value = answer.get("id") if isinstance(answer, dict) else None
+    return value[:200] if isinstance(value, str) and value else None
+
+
+def finish_reasons(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each choice of a stream with its last finish reason, as `empty_completion` reads an answer's choices."""
+    last: dict[Any, Any] = {}
+    for chunk in chunks:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if isinstance(choice, dict):
+                index = choice.get("index", 0)
+                key = index if isinstance(index, int) else 0
+                if choice.get("finish_reason") is not None or key not in last:
+                    last[key] = choice.get("finish_reason")
+    return [{"finish_reason": reason} for reason in last.values()]
+
+
+def empty_completion(usage: pricing.Usage, choices: Any) -> bool:
+    """Zero-completion insurance, as OpenRouter gives it: a completion of zero completion tokens whose choices
+    all ended in an error or never finished is not charged."""
+    if usage.completion_tokens != 0:
+        return False
+    reasons = [choice.get("finish_reason") for choice in choices if isinstance(choice, dict)] \
+        if isinstance(choices, list) else []
+    return all(reason is None or reason in ("", "error") for reason in reasons)
 
 
 def text_fields(message: Any) -> list[str]:

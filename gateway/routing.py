@@ -16,10 +16,12 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from billing.catalog import CatalogEntry
 from billing.catalog_config import ImageProviderConfig, TextProviderConfig, VideoProviderConfig
+from billing.pricing import TokenPrices
 from gateway.breaker import Breakers
 from gateway.errors import invalid
 
@@ -43,6 +45,17 @@ class Route:
     @property
     def breaker_key(self) -> tuple[str, str]:
         return (self.upstream, self.model)
+
+    @property
+    def cost_prices(self) -> TokenPrices | None:
+        """A text provider's configured cost price, as token prices (what the call cost us when the provider
+        reports no cost of its own)."""
+        cost = self.cost
+        if not isinstance(cost, TextProviderConfig):
+            return None
+        cached = cost.cached_input_cost_per_mtok_micros
+        return TokenPrices(Fraction(cost.input_cost_per_mtok_micros), Fraction(cost.output_cost_per_mtok_micros),
+                           None if cached is None else Fraction(cached))
 
 
 def routes_of(entry: CatalogEntry) -> list[Route]:

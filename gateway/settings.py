@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # The output a call may produce (and is held and capped at) on a model that publishes no output limit.
     default_max_output_tokens: int = Field(default=4096, ge=1)
     drain_seconds: float = Field(default=30.0, ge=0)
+    # A provider of a model with several (issue 15) is skipped after this many failures in a row, for this long,
+    # then tried once again (gateway.breaker).
+    provider_failure_threshold: int = Field(default=5, ge=1, le=1000)
+    provider_cooldown_seconds: float = Field(default=30.0, gt=0)
     # A stream's usage chunk and [DONE] are sent once its charge has committed; while the database is down, the
     # stream waits at most this long for that commit, then finishes while the settlement keeps retrying.
     stream_settle_wait_seconds: float = Field(default=10.0, ge=0)

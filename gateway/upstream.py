@@ -46,8 +46,8 @@ class UpstreamError(ApiError):
     (None when no response arrived: timeout, refused, dropped)."""
 
     def __init__(self, status: int, code: str, message: str, *, upstream_status: int | None,
-                 type: str = "upstream_error") -> None:
-        super().__init__(status, code, message, type=type)
+                 type: str = "upstream_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, code, message, type=type, headers=headers)
         self.upstream_status = upstream_status
 
 
@@ -252,6 +252,21 @@ class EventReader:
             self._split(chunk)
         return self._events.popleft()
 
+    async def first_data(self) -> None:
+        """Read up to the stream's first data event and keep everything read for `next`: until it arrives,
+        nothing has been relayed, so a failure here (raised as UpstreamError, an error event included) can still
+        be answered by another provider. A stream that ends first returns, its events kept."""
+        read: list[bytes] = []
+        try:
+            while (event := await self.next()) is not None:
+                read.append(event)
+                if event.startswith(b"data:"):
+                    if b'"error"' in event:
+                        _raise_error_event(event, self.response.upstream)
+                    return
+        finally:
+            self._events.extendleft(reversed(read))
+
     def _split(self, chunk: bytes) -> None:
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n")
@@ -261,6 +276,22 @@ class EventReader:
             self._events.append(buffer[start:end + 2])
             start = end + 2
         self._buffer = buffer[start:] if start else buffer
+
+
+def _raise_error_event(event: bytes, upstream: Upstream) -> None:
+    """An SSE data event that is an error (no choices): the upstream failed before generating anything."""
+    payload = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return
+    if not isinstance(data, dict) or data.get("choices") or data.get("error") is None:
+        return
+    error = data["error"]
+    message = error.get("message") if isinstance(error, dict) else error
+    log.warning("upstream %s failed its stream before any output", upstream.name)
+    raise UpstreamError(502, "UPSTREAM_ERROR", upstream.redact(str(message or f"The upstream {upstream.name} "
+                                                                    "failed")), upstream_status=200)
 
 
 async def open_response(

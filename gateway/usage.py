@@ -69,6 +69,10 @@ def render_record(row: dict[str, Any]) -> dict[str, Any]:
         "duration_ms": row["duration_ms"],
         "key_id": row["key_id"],
         "client_request_id": row["client_request_id"],
+        "provider": row["provider"],
+        "provider_model": row["provider_model"],
+        "generation_id": row["generation_id"],
+        "attempts": row["attempts"],
         "error_code": row["error_code"],
         "error_message": row["error_message"],
         "user": row["user"],
@@ -98,6 +102,8 @@ async def list_requests(request: web.Request) -> web.Response:
         key_id=_query_text(request, "key_id"),
         status=_query_text(request, "status"),
         client_request_id=_query_text(request, "client_request_id"),
+        generation_id=_query_text(request, "generation_id"),
+        provider=_query_text(request, "provider"),
     )
     limit = query_int(request, "limit", default=50, low=1, high=500)
     cursor = request.query.get("cursor") or None

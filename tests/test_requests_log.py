@@ -94,7 +94,8 @@ async def test_a_record_has_the_lumenfall_shape_with_exact_cost(client: TestClie
     assert body == {
         "id": rid, "object": "request", "model": "flux-pro", "modality": "image",
         "endpoint": "/openai/v1/images/generations", "status": "completed", "duration_ms": 2340,
-        "key_id": key_id, "client_request_id": "trace-1", "error_code": None, "error_message": None, "user": "u-7",
+        "key_id": key_id, "client_request_id": "trace-1", "provider": None, "provider_model": None,
+        "generation_id": None, "attempts": None, "error_code": None, "error_message": None, "user": "u-7",
         "cost_micros": 45_001,
         "cost": "0.045001", "currency": "usd", "estimated": False, "billing_status": "settled",
         "usage": {"prompt_tokens": None, "completion_tokens": None, "cached_tokens": None,
