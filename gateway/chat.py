@@ -129,7 +129,6 @@ def _answer_message(answer: dict[str, Any]) -> dict[str, Any] | None:
 async def _complete(app: web.Application, hold: Hold, quote: TextQuote, routing: Routing,
                     payload: Callable[[Route], dict[str, Any]], headers: dict[str, str], entry: CatalogEntry,
                     context: Context | None) -> web.Response:
-    edits = AnswerEdits(entry)
 
     async def send(route: Route, target: upstream.Upstream) -> dict[str, Any]:
         async with upstream.request(app, target, "POST", "chat/completions", json_body=payload(route)) as response:
@@ -145,6 +144,7 @@ async def _complete(app: web.Application, hold: Hold, quote: TextQuote, routing:
         await _failed(hold, exc)
         raise
     headers.update(routing.headers())
+    edits = AnswerEdits(entry, routing.served.model if routing.served is not None else None)
     cost_prices = routing.served.cost_prices if routing.served is not None else None
     raw_usage = answer.get("usage")
     reported = pricing.parse_usage(raw_usage)
@@ -196,7 +196,6 @@ async def _settle_estimate(hold: Hold, quote: TextQuote, answer: dict[str, Any],
 async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: ChatRequest, routing: Routing,
                   payload: Callable[[Route], dict[str, Any]], headers: dict[str, str], entry: CatalogEntry,
                   context: Context | None) -> web.StreamResponse:
-    edits = AnswerEdits(entry)
     app = request.app
 
     async def send(route: Route, target: upstream.Upstream) -> tuple[upstream.UpstreamResponse, upstream.EventReader]:
@@ -219,6 +218,7 @@ async def _stream(request: web.Request, hold: Hold, quote: TextQuote, chat: Chat
         await _failed(hold, exc)
         raise
     headers.update(routing.headers())
+    edits = AnswerEdits(entry, routing.served.model if routing.served is not None else None)
     relay = StreamRelay(opened, reader=reader,
                         cost_prices=routing.served.cost_prices if routing.served is not None else None,
                         hold=hold, tasks=app[TASKS], prices=quote.prices, prompt_tokens=quote.prompt_tokens,

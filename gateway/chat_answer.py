@@ -1,7 +1,8 @@
 """A chat answer as the client sees it: an alias's answers name the alias, never the upstream's model, and reasoning
 text is given under both of its names.
 
-An aliased model (`upstream_model` in its entry) is forwarded under the upstream's id, so the upstream's answer
+An aliased model (`upstream_model` in its entry), like a model served by one of its providers under the provider's
+own id, is forwarded under the upstream's id, so the upstream's answer
 names that id; the client asked for the alias and is billed for it, and is shown it. Non-streaming, the answer's
 `model` is set. Streaming, each event is rewritten as bytes: the `"model":"<upstream id>"` the upstream writes
 (compact, or with `": "`) is replaced, and only an event naming another model (a dated version of the id, say) is
@@ -38,10 +39,12 @@ class AnswerEdits:
 
     __slots__ = ("_named", "_said", "alias")
 
-    def __init__(self, entry: CatalogEntry) -> None:
-        self.alias = entry.id if entry.upstream_model is not None else None
+    def __init__(self, entry: CatalogEntry, served_model: str | None = None) -> None:
+        # `served_model`: the id the serving provider was sent (a model with providers); else the entry's own.
+        forwarded = served_model or entry.forwarded_id
+        self.alias = entry.id if forwarded != entry.id else None
         # The upstream's `model` field as it writes it (compact, and with OpenAI's spacing), and the alias's.
-        said = json.dumps(entry.forwarded_id).encode()
+        said = json.dumps(forwarded).encode()
         self._said = (b'"model":' + said, b'"model": ' + said)
         self._named = b'"model":' + json.dumps(entry.id).encode()
 

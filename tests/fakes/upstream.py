@@ -74,6 +74,7 @@ class FakeUpstream:
     usage_extra: dict[str, Any] = field(default_factory=dict)
     answer_model: str | None = None
     compact: bool = False
+    finish_reason: str = "stop"  # how the answer (or a stream's last chunk) says it ended
     models: list[dict[str, Any]] = field(default_factory=list)
     models_status: int | None = None
     calls: Counter[str] = field(default_factory=Counter)
@@ -130,7 +131,7 @@ class FakeUpstream:
         answer: dict[str, Any] = {
             "id": "gen-fake-1", "object": "chat.completion", "created": int(time.time()),
             "model": self.answer_model or body.get("model"), "provider": "FakeProvider",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
             **self.extra_top,
         }
         if self.usage != "absent":
@@ -170,7 +171,7 @@ class FakeUpstream:
             delta = {"role": "assistant", "content": piece} if index == 0 else {"content": piece}
             delta.update(self.extra_delta)
             last = index == self.chunks - 1
-            await response.write(self._chunk(body, delta, "stop" if last else None))
+            await response.write(self._chunk(body, delta, self.finish_reason if last else None))
         if self.hold_after == self.chunks:
             self.held.set()
             await self.release.wait()
