@@ -635,8 +635,10 @@ CREATE TABLE videos (
     lease_until  timestamptz,
     webhook_url  text,  -- the job's own webhook URL (Lumenfall's), besides the account's endpoints
     client_request_id text,  -- the creating call's X-Request-Id, for the record written when the job ends
-    provider     text,  -- the provider that accepted the job: polling, content and settlement go to it
+    provider     text,  -- the provider that accepted the job (`upstream` is its upstream: polls go there)
     provider_model text,  -- the model id that provider was sent
+    upstream_cost_micros bigint,  -- that provider's configured cost of the job, for the record written at the end
+    attempts     jsonb,  -- every provider tried when the job was created
     CHECK ((status = 'completed') = (cost_micros IS NOT NULL))
 );
 CREATE INDEX videos_unfinished ON videos (next_poll_at) WHERE status IN ('queued', 'in_progress');

@@ -123,7 +123,9 @@ def record(job: dict[str, Any], status: str, *, error_code: str | None = None) -
     duration = datetime.now(UTC) - job["created_at"]
     return RequestRecord(model=job["model"], modality="video", endpoint=job["endpoint"], upstream=job["upstream"],
                          quantity=job["seconds"], status=status, error_code=error_code,
-                         client_request_id=job["client_request_id"],
+                         client_request_id=job["client_request_id"], provider=job["provider"],
+                         provider_model=job["provider_model"], attempts=job["attempts"],
+                         upstream_cost_micros=job["upstream_cost_micros"], generation_id=job["upstream_id"],
                          duration_ms=max(0, int(duration.total_seconds() * 1000))).as_json()
 
 
@@ -165,15 +167,28 @@ async def list_jobs(conn: Executor, *, account_id: str | None, status: str | Non
     return Page(jobs, encode_cursor(last["created_at"], last["id"]) if last else None)
 
 
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """The provider that accepted a job: polls, content and the settlement's record go by it."""
+
+    name: str
+    upstream: str
+    model: str
+    upstream_cost_micros: int | None  # its configured cost of the job (None: none configured)
+    attempts: list[dict[str, Any]] | None = None  # every provider tried (gateway.failover)
+
+
 async def started(conn: Executor, video_id: str, *, upstream_id: str, status: str, progress: int,
-                  output: Any, owner: str, poll_seconds: float) -> dict[str, Any] | None:
-    """The upstream accepted the job: remember its id and release the creator's lease."""
+                  output: Any, owner: str, poll_seconds: float, provider: Provider) -> dict[str, Any] | None:
+    """The upstream accepted the job: remember its id and provider, and release the creator's lease."""
     return _row(await conn.fetchrow(
         """UPDATE videos SET upstream_id = $2, status = $3, progress = $4, output = $5,
-                  next_poll_at = now() + make_interval(secs => $7), lease_owner = NULL, lease_until = NULL
+                  next_poll_at = now() + make_interval(secs => $7), lease_owner = NULL, lease_until = NULL,
+                  upstream = $8, provider = $9, provider_model = $10, upstream_cost_micros = $11, attempts = $12
             WHERE id = $1 AND status IN ('queued', 'in_progress') AND lease_owner = $6
            RETURNING *""",
-        video_id, upstream_id, status, progress, output, owner, poll_seconds,
+        video_id, upstream_id, status, progress, output, owner, poll_seconds, provider.upstream, provider.name,
+        provider.model, provider.upstream_cost_micros, provider.attempts,
     ))
 
 

@@ -75,7 +75,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if context is not None:
         chat = chat.with_messages(context.messages(new_messages))
     # A model with providers reads the request's `provider` preference itself; others forward it upstream.
-    routing = Routing(app, entry, chat.forwarded.get("provider"))
+    routing = Routing.of_entry(app, entry, chat.forwarded.get("provider"))
     quote = await TextQuote.of(chat.prompt, entry.prices, max_output=allowance, n=chat.n, rules=rules)
     if is_dry_run:
         quote, available = await text.dry_run(app[POOL], quote, account_id=key.account_id, key_id=key.id)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from billing.catalog import CatalogEntry
+from billing.catalog_config import ModelConfig
 from billing.holds import Hold
 from gateway.breaker import Breakers
 from gateway.keys import SETTINGS
@@ -64,15 +65,22 @@ class Attempt:
 class Routing:
     """The providers of one call, the attempts made on them, and the one that served it."""
 
-    def __init__(self, app: web.Application, entry: CatalogEntry, preference: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, app: web.Application, model_id: str, config: ModelConfig | None, *, upstream: str,
+                 forwarded_id: str, preference: Mapping[str, Any] | None = None) -> None:
         self.app = app
-        self.entry = entry
-        self.routes = routes_of(entry)
-        self.routed = getattr(entry.config, "providers", None) is not None
+        self.model_id = model_id
+        self.routes = routes_of(config, upstream=upstream, forwarded_id=forwarded_id)
+        self.routed = getattr(config, "providers", None) is not None
         self.preference = parse_preference(preference, self.routes) if self.routed else Preference()
         self.breakers = app[BREAKERS] if self.routed else None
         self.attempts: list[Attempt] = []
         self.served: Route | None = None
+
+    @classmethod
+    def of_entry(cls, app: web.Application, entry: CatalogEntry,
+                 preference: Mapping[str, Any] | None = None) -> Routing:
+        return cls(app, entry.id, entry.config, upstream=entry.upstream, forwarded_id=entry.forwarded_id,
+                   preference=preference)
 
     @property
     def first(self) -> Route:
@@ -154,7 +162,7 @@ class Routing:
             wait = min(self.breakers.retry_in(route.breaker_key) for route in skipped)
             headers = {"Retry-After": str(max(1, math.ceil(wait)))}
         return UpstreamError(502, "ALL_PROVIDERS_EXHAUSTED",
-                             f"Every provider of model {self.entry.id} failed: {', '.join(said)}; nothing was "
+                             f"Every provider of model {self.model_id} failed: {', '.join(said)}; nothing was "
                              "charged", upstream_status=None, headers=headers)
 
 

@@ -2,8 +2,9 @@
 
 Flow: validate every field and price (size, quality, n) → dryRun answers here → claim the Idempotency-Key (a
 replay answers here) → hold n times the unit price (billing.holds) → forward a body rebuilt from the validated
-fields, with what was priced stated explicitly → settle on the images returned (never more than n: any beyond
-are neither delivered nor billed), or void on any failure.
+fields, with what was priced stated explicitly, to the model's providers in turn until one serves it
+(gateway.failover) → settle on the images returned (never more than n: any beyond are neither delivered nor
+billed), or void on any failure.
 
 Fields outside the ones below are refused with a 400 naming them, as OpenAI refuses an unrecognised argument:
 they would reach the upstream unpriced. An alias (`upstream_model`) is forwarded under the upstream's id; its
@@ -26,11 +27,14 @@ from billing.records import Outcome, RequestRecord
 from gateway import bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
+from gateway.chat_usage import generation_id
 from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import REQUEST_ID, client_request_id, invalid
+from gateway.failover import Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.multipart import Form, multipart_body, read_form
 from gateway.render import json_response, usd_number
+from gateway.routing import Route
 from gateway.upstream import Upstream, UpstreamError
 from gateway.upstream import request as upstream_request
 
@@ -44,8 +48,8 @@ _GENERATION_OPTIONS = frozenset({"response_format", "style", "user", "background
 _EDIT_OPTIONS = frozenset({"response_format", "user", "background", "output_format", "output_compression",
                            "input_fidelity"})
 _PRICED = ("model", "prompt", "n", "size", "quality")
-# Send = the upstream call for one route: it gets the upstream and returns the upstream's JSON answer.
-Send = Callable[[Upstream], Awaitable[Any]]
+# Send = the upstream call to one provider: it gets the provider and its upstream, returns the upstream's answer.
+Send = Callable[[Route, Upstream], Awaitable[Any]]
 
 
 def _n(value: object) -> int:
@@ -101,18 +105,18 @@ async def generations(request: web.Request) -> web.Response:
     prompt = media.required_prompt(body)
     quote = _quote(entry, model, body)
     options = _options(body, _GENERATION_OPTIONS, multipart=False)
-    upstream = media.media_upstream(request, entry)
+    routing = media.media_routing(request, model, entry)
     if dry:
-        return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
-    outgoing = {**_priced(media.forwarded_model(model, entry), prompt, quote), **options}
+        return await media.estimate_response(request, quote.estimate(), model=model, provider=routing.first.name)
+    routing.check_configured()
 
-    async def send(up: Upstream) -> Any:
+    async def send(route: Route, up: Upstream) -> Any:
+        outgoing = {**_priced(route.model, prompt, quote), **options}
         async with upstream_request(request.app, up, "POST", "images/generations", json_body=outgoing) as resp:
-            return await resp.json()
+            return _delivered(await resp.json(), quote)
 
     fingerprint = ledger.request_fingerprint("images/generations", body)
-    return await _billed(request, model=model, quote=quote, upstream=upstream, fingerprint=fingerprint, send=send,
-                         aliased=entry.upstream_model is not None)
+    return await _billed(request, model=model, quote=quote, routing=routing, fingerprint=fingerprint, send=send)
 
 
 @requires_key
@@ -130,15 +134,19 @@ async def edits(request: web.Request) -> web.Response:
         prompt = media.required_prompt(body)
         quote = _quote(entry, model, body)
         options = _options(body, _EDIT_OPTIONS, multipart=True)
-        upstream = media.media_upstream(request, entry)
+        routing = media.media_routing(request, model, entry)
         if dry:
-            return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
-        priced = _priced(media.forwarded_model(model, entry), prompt, quote)
-        fields = [(name, str(value)) for name, value in {**priced, **options}.items()]
-        return await _billed(request, model=model, quote=quote, upstream=upstream,
-                             fingerprint=ledger.request_fingerprint("images/edits", form.digest.hex()),
-                             send=lambda up: _send_form(request, up, form, fields),
-                             aliased=entry.upstream_model is not None)
+            return await media.estimate_response(request, quote.estimate(), model=model,
+                                                 provider=routing.first.name)
+        routing.check_configured()
+
+        async def send(route: Route, up: Upstream) -> Any:
+            fields = [(name, str(value)) for name, value in {**_priced(route.model, prompt, quote),
+                                                             **options}.items()]
+            return _delivered(await _send_form(request, up, form, fields), quote)
+
+        return await _billed(request, model=model, quote=quote, routing=routing,
+                             fingerprint=ledger.request_fingerprint("images/edits", form.digest.hex()), send=send)
     finally:
         form.close()
 
@@ -160,8 +168,8 @@ def _delivered(answer: Any, quote: ImageQuote) -> tuple[dict[str, Any], list[Any
     return answer, data[: quote.n]
 
 
-async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstream: Upstream,
-                  fingerprint: bytes, send: Send, aliased: bool) -> web.Response:
+async def _billed(request: web.Request, *, model: str, quote: ImageQuote, routing: Routing,
+                  fingerprint: bytes, send: Send) -> web.Response:
     """Hold, forward, settle (or void), under the Idempotency-Key when one was sent."""
     app = request.app
     key = request[API_KEY]
@@ -179,27 +187,30 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id,
                            steps=app[HOLDS].claimed(claim),
                            record=RequestRecord(model=model, modality="image", endpoint=request.path,
-                                                upstream=upstream.name, quantity=quote.n,
+                                                upstream=routing.routes[0].upstream, quantity=quote.n,
                                                 client_request_id=client_request_id(request)))
     failure, outcome = "the request did not complete", Outcome(status="cancelled", error_code="CANCELLED")
     try:
         await hold.reserve(quote.hold_micros)
-        answer, images = _delivered(await send(upstream), quote)
+        answer, images = await routing.run(hold, send)
+        served = routing.served
+        assert served is not None
         charge = quote.charge_micros(len(images))
         metadata = answer.get("metadata")
         extra: dict[str, Any] = metadata if isinstance(metadata, dict) else {}
         delivered = {**answer, "data": images, "metadata": {**extra, "cost_micros": charge,
                                                             "cost": usd_number(charge), "request_id": hold.request_id}}
-        if aliased and "model" in answer:  # the upstream names the id it was sent; the client asked for the alias
+        if served.model != model and "model" in answer:  # the upstream names the id it was sent, not the one asked
             delivered["model"] = model
-        await hold.settle(charge, outcome=Outcome(quantity=len(images)), response=delivered)
+        await hold.settle(charge, outcome=Outcome(quantity=len(images), upstream_cost_micros=served.media_cost_micros(
+            len(images)), generation_id=generation_id(answer)), response=delivered)
     except UpstreamError as exc:
         failure, outcome = exc.message, Outcome(status="upstream_failure", error_code=exc.code)
         raise
     finally:
         if not hold.resolved:
             await hold.void(failure, outcome)
-    return json_response(delivered, headers={"X-Cost-Micros": str(charge)})
+    return json_response(delivered, headers={"X-Cost-Micros": str(charge), **routing.headers()})
 
 
 def add_routes(app: web.Application) -> None:

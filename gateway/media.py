@@ -13,10 +13,10 @@ from billing.media_pricing import MediaPriceError
 from billing.pricing import Estimate
 from gateway.bodies import header
 from gateway.errors import ApiError, invalid
+from gateway.failover import Routing
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.multipart import Limits
 from gateway.render import json_response
-from gateway.upstream import Upstream, upstream_named
 
 E = TypeVar("E", ImageModelConfig, VideoModelConfig)
 
@@ -60,8 +60,10 @@ def upload_limits(request: web.Request) -> Limits:
                   max_field_bytes=settings.max_form_field_bytes)
 
 
-def media_upstream(request: web.Request, entry: ImageModelConfig | VideoModelConfig) -> Upstream:
-    return upstream_named(request.app, entry.upstream or DEFAULT_UPSTREAM)
+def media_routing(request: web.Request, model: str, entry: ImageModelConfig | VideoModelConfig) -> Routing:
+    """The providers of a media model (its one upstream, for a model without `providers`)."""
+    return Routing(request.app, model, entry, upstream=entry.upstream or DEFAULT_UPSTREAM,
+                   forwarded_id=forwarded_model(model, entry))
 
 
 def price_error(exc: MediaPriceError) -> ApiError:
@@ -89,8 +91,8 @@ def required_prompt(body: dict[str, Any]) -> str:
 
 
 async def estimate_response(request: web.Request, estimate: Estimate, *, model: str,
-                            upstream: Upstream) -> web.Response:
+                            provider: str) -> web.Response:
     """The dryRun answer (the chat issue's estimate shape); its total is exactly the real call's hold."""
     available = await ledger.available_micros(request.app[POOL], request[API_KEY].account_id)
-    return json_response(estimate.as_dict(model=model, provider=upstream.name, available_micros=available))
+    return json_response(estimate.as_dict(model=model, provider=provider, available_micros=available))
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from billing.catalog import CatalogEntry
-from billing.catalog_config import ImageProviderConfig, TextProviderConfig, VideoProviderConfig
+from billing.catalog_config import ImageProviderConfig, ModelConfig, TextProviderConfig, VideoProviderConfig
 from billing.pricing import TokenPrices
 from gateway.breaker import Breakers
 from gateway.errors import invalid
@@ -46,6 +45,14 @@ class Route:
     def breaker_key(self) -> tuple[str, str]:
         return (self.upstream, self.model)
 
+    def media_cost_micros(self, quantity: int) -> int | None:
+        """A media provider's configured cost of `quantity` images or seconds (None: no cost price)."""
+        if isinstance(self.cost, ImageProviderConfig):
+            return self.cost.per_image_cost_micros * quantity
+        if isinstance(self.cost, VideoProviderConfig):
+            return self.cost.per_second_cost_micros * quantity
+        return None
+
     @property
     def cost_prices(self) -> TokenPrices | None:
         """A text provider's configured cost price, as token prices (what the call cost us when the provider
@@ -58,10 +65,11 @@ class Route:
                            None if cached is None else Fraction(cached))
 
 
-def routes_of(entry: CatalogEntry) -> list[Route]:
-    providers: Sequence[ProviderConfig] | None = getattr(entry.config, "providers", None)
+def routes_of(config: ModelConfig | None, *, upstream: str, forwarded_id: str) -> list[Route]:
+    """A model's providers; a model without `providers` has one, its upstream (under its forwarded id)."""
+    providers: Sequence[ProviderConfig] | None = getattr(config, "providers", None)
     if not providers:
-        return [Route(name=entry.upstream, upstream=entry.upstream, model=entry.forwarded_id)]
+        return [Route(name=upstream, upstream=upstream, model=forwarded_id)]
     return [Route(name=p.provider_name, upstream=p.upstream, model=p.model, priority=p.priority, weight=p.weight,
                   cost=p) for p in providers]
 

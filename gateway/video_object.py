@@ -19,7 +19,9 @@ def _epoch(value: Any) -> int | None:
 
 def video_object(job: dict[str, Any], base: str) -> dict[str, Any]:
     """The object for `job`; `base` is where the video routes live (`https://host/v1`), for its content URL."""
-    metadata: dict[str, Any] = {"request_id": job["request_id"], "provider": job["upstream"],
+    # Who made it, as Lumenfall shows it: the provider, the model id it was sent and its own id for the job.
+    metadata: dict[str, Any] = {"request_id": job["request_id"], "provider": job["provider"] or job["upstream"],
+                                "executed_model": job["provider_model"] or job["model"],
                                 "upstream_id": job["upstream_id"]}
     if job["status"] in videos.UNFINISHED:
         metadata.update(cost_estimate_micros=job["price_micros"], cost_estimate=usd_number(job["price_micros"]))

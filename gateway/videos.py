@@ -26,10 +26,12 @@ from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import REQUEST_ID, ApiError, client_request_id, invalid, not_found
+from gateway.failover import Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
 from gateway.render import json_response
+from gateway.routing import Route
 from gateway.upstream import Upstream, UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
 from gateway.video_object import event_data, video_object
@@ -96,18 +98,20 @@ async def create(request: web.Request) -> web.Response:
         model, entry = media.media_entry(request, body.get("model"), VideoModelConfig)
         prompt = media.required_prompt(body)
         quote = _quote(entry, model, body)
-        upstream = media.media_upstream(request, entry)
+        routing = media.media_routing(request, model, entry)
         if dry:
-            return await media.estimate_response(request, quote.estimate(), model=model, upstream=upstream)
+            return await media.estimate_response(request, quote.estimate(), model=model,
+                                                 provider=routing.first.name)
+        routing.check_configured()
         return await _create(request, body=body, form=form, fingerprint=fingerprint, model=model, prompt=prompt,
-                             quote=quote, upstream=upstream, forwarded=media.forwarded_model(model, entry))
+                             quote=quote, routing=routing)
     finally:
         if form is not None:
             form.close()
 
 
 async def _create(request: web.Request, *, body: dict[str, Any], form: Form | None, fingerprint: bytes,
-                  model: str, prompt: str, quote: VideoQuote, upstream: Upstream, forwarded: str) -> web.Response:
+                  model: str, prompt: str, quote: VideoQuote, routing: Routing) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     key = request[API_KEY]
@@ -120,7 +124,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     steps = videos.VideoCreation(
         app[POOL],
         videos.NewVideo(request_id=request[REQUEST_ID], account_id=key.account_id, key_id=key.id, model=model,
-                        upstream=upstream.name, endpoint=request.path, prompt=prompt, size=quote.size,
+                        upstream=routing.routes[0].upstream, endpoint=request.path, prompt=prompt, size=quote.size,
                         seconds=quote.seconds, price_micros=quote.hold_micros, webhook_url=webhook_url,
                         client_request_id=client_request_id(request)),
         event_data=event_data(app),
@@ -129,11 +133,13 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
         hold_ttl_seconds=settings.video_max_job_seconds + settings.hold_ttl_seconds,
         max_job_seconds=settings.video_max_job_seconds,
         lease_owner=app[POLLER_ID],
-        lease_seconds=upstream.settings.timeout_seconds + _CREATION_MARGIN_SECONDS,
+        # The creator's lease covers trying every provider in turn.
+        lease_seconds=sum(settings.upstreams[route.upstream].timeout_seconds for route in routing.routes
+                          if route.upstream in settings.upstreams) + _CREATION_MARGIN_SECONDS,
     )
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, steps=steps,
                            record=RequestRecord(model=model, modality="video", endpoint=request.path,
-                                                upstream=upstream.name, quantity=quote.seconds,
+                                                upstream=routing.routes[0].upstream, quantity=quote.seconds,
                                                 client_request_id=client_request_id(request)))
     await hold.reserve(quote.hold_micros)
     assert steps.job is not None
@@ -143,19 +149,31 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
     started: dict[str, Any] | None = None
     failure: UpstreamError | None = None
     try:
-        answer = await _send(request, upstream, forwarded, body, form, quote)
-        upstream_id = answer.get("id") if isinstance(answer, dict) else None
-        if not isinstance(upstream_id, str) or not upstream_id:
-            raise UpstreamError(502, "UPSTREAM_ERROR", "The upstream accepted the video without an id",
-                                upstream_status=200)
+
+        async def send(route: Route, up: Upstream) -> tuple[dict[str, Any], str]:
+            answer = await _send(request, up, route.model, body, form, quote)
+            upstream_id = answer.get("id") if isinstance(answer, dict) else None
+            if not isinstance(upstream_id, str) or not upstream_id:
+                raise UpstreamError(502, "UPSTREAM_ERROR", "The upstream accepted the video without an id",
+                                    upstream_status=200)
+            return answer, upstream_id
+
+        answer, upstream_id = await routing.run(hold, send)
+        served = routing.served
+        assert served is not None
         status = answer.get("status") if isinstance(answer.get("status"), str) else None
         started = await videos.started(
             app[POOL], steps.job["id"], upstream_id=upstream_id,
             status=status if status in videos.UNFINISHED else "queued", progress=progress_of(answer, 0),
             output=answer, owner=app[POLLER_ID], poll_seconds=settings.video_poll_seconds,
+            provider=videos.Provider(name=served.name, upstream=served.upstream, model=served.model,
+                                     upstream_cost_micros=served.media_cost_micros(quote.seconds),
+                                     attempts=hold.record.attempts),
         ) or await videos.get(app[POOL], steps.job["id"], account_id=key.account_id)
         if status == "completed":  # an upstream that made it at once: charge it now rather than at the next poll
-            await hold.settle(quote.hold_micros, outcome=Outcome(), response=answer)
+            await hold.settle(quote.hold_micros, outcome=Outcome(
+                upstream_cost_micros=served.media_cost_micros(quote.seconds), generation_id=upstream_id),
+                response=answer)
             started = steps.job
     except UpstreamError as exc:
         failure = exc
@@ -168,7 +186,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
                 await hold.void(failure.message, Outcome(status="upstream_failure", error_code=failure.code))
             else:
                 await hold.void("the request was cancelled", Outcome(status="cancelled", error_code="cancelled"))
-    return json_response(render(request, started or steps.job), status=202)
+    return json_response(render(request, started or steps.job), status=202, headers=routing.headers())
 
 
 async def _send(request: web.Request, upstream: Upstream, model: str, body: dict[str, Any], form: Form | None,

@@ -10,6 +10,8 @@ CREATE INDEX requests_account_generation ON requests (account_id, generation_id)
 
 ALTER TABLE videos ADD COLUMN provider text;
 ALTER TABLE videos ADD COLUMN provider_model text;
+ALTER TABLE videos ADD COLUMN upstream_cost_micros bigint;
+ALTER TABLE videos ADD COLUMN attempts jsonb;
 
 -- Fill the money fields of a request record from the ledger's truth and store it (first write wins), and count it
 -- in its day's rollup. The record's own fields are read by name (keys that are not columns are ignored; money
