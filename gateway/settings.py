@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -156,6 +157,13 @@ class Settings(BaseSettings):
         if self.hold_ttl_seconds <= longest:
             raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the slowest upstream's "
                              f"timeout_seconds ({slowest}) plus drain_seconds ({longest:g})")
+        # A model with providers may try each in turn under its one hold.
+        for model_id, config in self.models.items():
+            routed = sum(timeouts.get(provider.upstream, 0) for provider in config.providers or ())
+            if routed and self.hold_ttl_seconds <= routed + self.drain_seconds:
+                raise ValueError(f"hold_ttl_seconds ({self.hold_ttl_seconds:g}) must exceed the timeout_seconds of "
+                                 f"every provider of model {model_id!r} together plus drain_seconds "
+                                 f"({routed + self.drain_seconds:g}): a call may try each in turn")
         return self
 
     @model_validator(mode="after")
@@ -195,7 +203,17 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        return (init_settings, env_settings, _Toml11Source(settings_cls))
+
+
+class _Toml11Source(TomlConfigSettingsSource):
+    """The settings file read as TOML 1.1 (tomli 2.4+), whose inline tables may span lines and end with a comma:
+    a model's `providers` list reads as one table per provider, over several lines, as its docs write it. Python's
+    own tomllib reads only TOML 1.0. Every TOML 1.0 file is TOML 1.1."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        with file_path.open(mode="rb") as toml_file:
+            return tomli.load(toml_file)
 
 
 class SettingsError(Exception):

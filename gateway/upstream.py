@@ -127,7 +127,8 @@ def report_unconfigured(settings: Settings) -> list[str]:
     lines = [f"upstream {name!r} has no API key: set the environment variable {up.api_key_env}"
              for name, up in settings.upstreams.items() if up.api_key() is None]
     named = {config.upstream or ("media" if config.modality != "text" else settings.text_upstream)
-             for config in settings.models.values()} | {settings.text_upstream}
+             for config in settings.models.values() if not config.providers} | {settings.text_upstream}
+    named |= {provider.upstream for config in settings.models.values() for provider in config.providers or ()}
     lines += [f"upstream {name!r} is not configured: the models that use it answer 503 until [upstreams.{name}]"
               " base_url is set" for name in sorted(named - set(settings.upstreams))]
     for line in lines:

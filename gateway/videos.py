@@ -26,7 +26,7 @@ from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
 from gateway.errors import REQUEST_ID, ApiError, client_request_id, invalid, not_found
-from gateway.failover import Routing
+from gateway.failover import MODEL_HEADER, PROVIDER_HEADER, Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
@@ -221,7 +221,13 @@ async def retrieve(request: web.Request) -> web.Response:
                                         owner=request.app[POLLER_ID], lease_seconds=LEASE_SECONDS)
         if leased is not None:
             job = await refresh(request.app, leased)
-    return json_response(render(request, job))
+    return json_response(render(request, job), headers=_provider_headers(job))
+
+
+def _provider_headers(job: dict[str, Any]) -> dict[str, str]:
+    """X-Meterline-Provider and X-Meterline-Model of the provider that has the job (a job from before providers
+    were recorded: its upstream and model)."""
+    return {PROVIDER_HEADER: job["provider"] or job["upstream"], MODEL_HEADER: job["provider_model"] or job["model"]}
 
 
 @requires_key
@@ -235,7 +241,7 @@ async def content(request: web.Request) -> web.StreamResponse:
     async with upstream_request(request.app, upstream, "GET", f"videos/{job['upstream_id']}/content",
                                 params=params, headers={"Accept": "*/*"}) as resp:
         response = web.StreamResponse(headers={
-            "Content-Type": resp.raw.headers.get("Content-Type", "video/mp4")})
+            "Content-Type": resp.raw.headers.get("Content-Type", "video/mp4"), **_provider_headers(job)})
         if resp.raw.content_length is not None:
             response.content_length = resp.raw.content_length
         await response.prepare(request)

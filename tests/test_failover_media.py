@@ -118,6 +118,8 @@ async def test_a_video_job_the_second_provider_accepted_is_polled_fetched_and_se
     assert second.calls["get_video"] == 2 and first.calls["get_video"] == 0
     content = await api.get(f"/v1/videos/{video['id']}/content", headers=auth(secret))
     assert content.status == 200 and await content.read() == second.content
+    assert (content.headers["X-Meterline-Provider"], content.headers["X-Meterline-Model"]) == (
+        "second", "second-model")
     assert (first.calls["video_content"], second.calls["video_content"]) == (0, 1)
     record = await pool.fetchrow("SELECT * FROM requests WHERE id = $1", resp.headers["X-Request-Id"])
     assert (record["billing_status"], record["provider"], record["provider_model"], record["generation_id"]) == (

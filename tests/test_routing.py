@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from billing.catalog_config import ModelConfig
 from gateway.breaker import Breakers
 from gateway.errors import ApiError
 from gateway.routing import Preference, Route, order, parse_preference
+from gateway.settings import SettingsError, load_settings
+from gateway.upstream import report_unconfigured
 
 CONFIG = TypeAdapter(ModelConfig)
 TEXT = {"modality": "text", "input_per_mtok_micros": 3_000_000, "output_per_mtok_micros": 9_000_000,
@@ -127,3 +130,46 @@ def test_the_order_is_the_preferred_then_the_rest_by_priority_without_loss_or_re
     else:
         assert sorted(r.name for r in rest) == sorted(set(names) - set(preferred))
         assert [r.priority for r in rest] == sorted(r.priority for r in rest)
+
+
+def _routed_settings(tmp_path: Any, timeout: int, hold_ttl: int) -> Any:
+    config = tmp_path / "routed.toml"
+    config.write_text(f"""
+hold_ttl_seconds = {hold_ttl}
+drain_seconds = 30
+[upstreams.alpha]
+base_url = "https://alpha.example/v1"
+api_key_env = "ALPHA_KEY"
+timeout_seconds = {timeout}
+[upstreams.openrouter]
+base_url = "https://openrouter.example/api/v1"
+api_key_env = "OPENROUTER_API_KEY"
+timeout_seconds = {timeout}
+[models."acme/routed"]
+modality = "text"
+input_per_mtok_micros = 3000000
+output_per_mtok_micros = 9000000
+context_length = 32000
+max_output_tokens = 4096
+providers = [
+  {{ upstream = "openrouter", model = "acme/plain", priority = 1,
+     input_cost_per_mtok_micros = 2000000, output_cost_per_mtok_micros = 8000000 }},
+  {{ upstream = "alpha", model = "vendor/plain", priority = 2,
+     input_cost_per_mtok_micros = 1000000, output_cost_per_mtok_micros = 4000000 }},
+  {{ upstream = "gamma", model = "g/plain", input_cost_per_mtok_micros = 1, output_cost_per_mtok_micros = 1 }},
+]
+""")
+    return load_settings(config=config)
+
+
+def test_a_hold_must_outlast_trying_every_provider_of_a_model_in_turn(tmp_path: Any) -> None:
+    with pytest.raises(SettingsError, match=r"every provider of model 'acme/routed' together plus drain_seconds "
+                                            r"\(430\)"):
+        _routed_settings(tmp_path, timeout=200, hold_ttl=429)
+    assert _routed_settings(tmp_path, timeout=200, hold_ttl=431).hold_ttl_seconds == 431
+
+
+def test_start_names_a_providers_upstream_that_is_not_configured(tmp_path: Any) -> None:
+    lines = report_unconfigured(_routed_settings(tmp_path, timeout=60, hold_ttl=900))
+    assert any("'gamma' is not configured" in line for line in lines)
+    assert any("'alpha' has no API key: set the environment variable ALPHA_KEY" in line for line in lines)
