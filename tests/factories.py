@@ -85,5 +85,7 @@ async def make_video(
                           record=videos.record(row, "upstream_failure", error_code="upstream_failed"))
     elif status == "in_progress":
         await videos.started(pool, row["id"], upstream_id=f"up_{row['id']}", status="in_progress", progress=40,
-                             output=None, owner="test", poll_seconds=60)
+                             output=None, owner="test", poll_seconds=60,
+                             provider=videos.Provider(name="fake-media", upstream="fake-media", model=model,
+                                                      upstream_cost_micros=None))
     return str(row["id"])

@@ -22,6 +22,7 @@ from tests.conftest import admin_headers
 from tests.factories import make_customer
 from tests.fakes.upstream import FakeUpstream
 from tests.serving import free_port
+from tests.test_console_pages import signed_in
 
 MODEL = "acme/routed"
 FUNDS = 10_000_000
@@ -151,6 +152,10 @@ async def test_when_every_provider_fails_the_answer_is_all_providers_exhausted_a
     assert (record["billing_status"], record["error_code"], record["provider"]) == (
         "voided", "ALL_PROVIDERS_EXHAUSTED", None)
     assert [(a["provider"], a["upstream_status"]) for a in record["attempts"]] == [("alpha", 500), ("beta", 503)]
+    await signed_in(api)
+    page = await (await api.get(f"/console/requests/{resp.headers['X-Request-Id']}")).text()
+    assert '<ol id="attempts"><li>alpha: UPSTREAM_ERROR (status 500)' in page
+    assert "<li>beta: UPSTREAM_ERROR (status 503)" in page
     row = await pool.fetchrow("SELECT credits_posted - debits_posted, held_micros FROM accounts WHERE id = $1",
                               account_id)
     assert tuple(row) == (FUNDS, 0)
