@@ -304,9 +304,9 @@ class Simulator:
             return _error(404, f"no video {video_id!r}")
         if self._polls.get(video_id, 0) < 2:
             return _error(404, f"video {video_id!r} is not completed")
-        what = f"a {video.get('seconds', '?')}-second {video.get('size', '')} video".replace("  ", " ")
-        prompt = video.get("prompt")
-        text = f"{PROVIDER}: no video was made; this stands in for {what}" + (f" of: {prompt}" if prompt else "")
+        seconds, size, prompt = video.get("seconds"), video.get("size"), video.get("prompt")
+        what = "a video" + (f" of {seconds} seconds" if seconds else "") + (f" at {size}" if size else "")
+        text = f"{PROVIDER}: no video was made; this stands in for {what}" + (f", of: {prompt}" if prompt else "")
         return web.Response(text=text + "\n", content_type="text/plain")
 
 
