@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from billing import accounts, db, keys, ledger, schema
 from billing.catalog_config import ImageModelConfig, VideoModelConfig
@@ -72,10 +73,26 @@ def demo_settings(settings: Settings, *, simulator_url: str) -> Settings:
         "video_poll_seconds": 1,
     }
     try:
-        # Validated without reading the environment or the settings file again: what they said is in `settings`.
-        return Settings.model_validate({**settings.model_dump(), **update})
+        return _Given(**{**settings.model_dump(), **update})
     except ValueError as exc:
         raise SettingsError(f"the demo cannot run with these settings: {exc}") from None
+
+
+class _Given(Settings):
+    """Settings validated from the values given alone. The environment and the settings file already spoke in the
+    settings the demo starts from; read again, they would merge into the demo's own (an upstream's variables into
+    its upstreams, say)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ import pytest
 
 from billing import keys
 from gateway import demo
+from gateway.settings import SettingsError, load_settings
 from tests.conftest import ROOT
 from tests.serving import free_port
 
@@ -230,3 +231,21 @@ async def test_the_demo_account_is_made_once_and_found_again(tmp_path: Path, poo
     assert await pool.fetchval("SELECT count(*) FROM accounts WHERE kind = 'customer'") == 1
     assert await pool.fetchval("SELECT count(*) FROM transfers WHERE kind = 'topup'") == 1
     assert await pool.fetchval("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") == 2
+
+
+def test_the_demo_settings_are_its_own_whatever_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator is its only upstream (an upstream configured in the environment does not creep back in), its
+    data and database are its own even when a database is configured, and its catalog is read at no markup."""
+    monkeypatch.setenv("METERLINE_UPSTREAMS__OPENROUTER__BASE_URL", "https://openrouter.example/api/v1")
+    configured = load_settings(config=ROOT / "config" / "meterline.toml", data_dir=tmp_path, markup="0.05",
+                               database_url="postgresql://db.example/meterline", admin_token="configured-0123456789")
+    settings = demo.demo_settings(configured, simulator_url="http://127.0.0.1:1/v1")
+    assert (list(settings.upstreams), settings.upstreams["simulator"].base_url, settings.text_upstream) == (
+        ["simulator"], "http://127.0.0.1:1/v1", "simulator")
+    assert sorted(settings.models) == ["simulator/image", "simulator/video"]
+    assert (settings.data_dir, settings.database_url, settings.markup, settings.remote_catalog) == (
+        tmp_path / "demo", None, 0, True)
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "configured-0123456789"
+    short = load_settings(config=ROOT / "config" / "meterline.toml", hold_ttl_seconds=700, upstreams={})
+    with pytest.raises(SettingsError, match="hold_ttl_seconds"):
+        demo.demo_settings(short.model_copy(update={"hold_ttl_seconds": 80}), simulator_url="http://127.0.0.1:1/v1")
