@@ -253,7 +253,11 @@ def run(settings: Settings, *, host: str, port: int) -> int:
         finally:
             await pool.close()
 
-    account = asyncio.run(prepare())
+    try:
+        account = asyncio.run(prepare())
+    except BaseException:
+        sim.stop()
+        raise
     text = instructions(account, base_url=f"http://{host}:{port}", data_dir=settings.data_dir, token=token,
                         database_configured=database_configured)
 

@@ -354,6 +354,9 @@ class SimulatorServer:
         return self.base_url
 
     def stop(self) -> None:
+        if not self._thread.is_alive():  # never started, or already stopped
+            self._sock.close()
+            return
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join()
