@@ -232,7 +232,8 @@ class Hold:
         except BaseException:
             self._void_after(task, "cancelled")
             raise
-        self.events.reserved(self.reservation)
+        if not self.reservation.replayed:
+            self.events.reserved(self.reservation)
         return self.reservation
 
     def _void_after(self, task: asyncio.Task[Reservation], reason: str) -> None:

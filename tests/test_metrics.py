@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing import keys, ledger, limits
@@ -24,6 +24,8 @@ from gateway.tasks import sweep_expired_holds
 from tests.chat_support import MESSAGES, MODEL, UPSTREAM_KEY, cost
 from tests.conftest import ADMIN_TOKEN, admin_headers
 from tests.factories import make_account, make_customer, request_id
+from tests.fakes.media_upstream import UPSTREAM_KEY as MEDIA_KEY
+from tests.fakes.media_upstream import MediaUpstream, media_settings
 from tests.fakes.upstream import FakeUpstream
 from tests.serving import free_port, meterline_serve
 
@@ -231,3 +233,34 @@ async def test_workers_add_up_their_figures(database_url: str, tmp_path: Path) -
     assert not (directory / "counter_999999.db").exists()
     assert len(list(directory.glob("counter_*.db"))) == 2  # each worker's counters outlive it
     assert list(directory.glob("gauge_live*.db")) == []
+
+
+async def test_video_holds_are_counted_once_whoever_resolves_them(
+        aiohttp_client: Any, settings: Settings, pool: asyncpg.Pool, server: TestServer, fake: MediaUpstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job the background poller completes is a settlement of its price; a job the upstream refuses is a void;
+    an Idempotency-Key replay made no hold and is no reservation."""
+    monkeypatch.setenv("MEDIA_API_KEY", MEDIA_KEY)
+    client: TestClient = await aiohttp_client(create_app(media_settings(settings, server, video_poll_seconds=0.02)))
+    _, secret = await make_customer(pool, balance_micros=20_000_000)
+    headers = {"Authorization": f"Bearer {secret}", "Idempotency-Key": "metrics-video-1"}
+    for _ in range(2):  # the second is a replay of the first
+        resp = await client.post("/v1/videos", json={"model": "sora-2", "prompt": "a capybara", "seconds": "4"},
+                                 headers=headers)
+        assert resp.status == 202
+    for _ in range(1500):  # until the poller has completed it (a bound, not a timing assertion)
+        if await pool.fetchval("SELECT status FROM videos") == "completed":
+            break
+        await asyncio.sleep(0.02)
+    fake.status = 500
+    resp = await client.post("/v1/videos", json={"model": "sora-2", "prompt": "x", "seconds": "4"},
+                             headers={"Authorization": f"Bearer {secret}"})
+    assert resp.status == 502
+    _, samples = await scrape(client)
+    assert value(samples, "meterline_holds_total", event="reserved") == 2
+    assert value(samples, "meterline_holds_total", event="settled") == 1
+    assert value(samples, "meterline_holds_total", event="voided") == 1
+    assert value(samples, "meterline_charged_micros_total") == 4 * 100_000  # sora-2 at 720x1280, per second
+    assert value(samples, "meterline_held_micros_total") == 2 * 4 * 100_000
+    assert value(samples, "meterline_requests_total", route="/v1/videos", method="POST", status="202",
+                 model="sora-2") == 2
