@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 from aiohttp import web
@@ -56,16 +58,34 @@ REFUSAL_REASONS = {
     "RATE_LIMITED": "key_rate_limited",
 }
 UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
-# Upstream failures by kind (gateway.upstream's translation table, one label per row).
-UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "connection", "rate_limited", "rejected", "error_status",
-                        "malformed", "stream_error")
+# The fixed label values of the counters below, each series made at 0 from the start (so that a rate or an
+# increase sees its first event, and a dashboard shows the series before anything happened).
+HOLD_EVENTS = ("reserved", "settled", "voided", "expired")
+REFUSALS = (("402", "insufficient_balance"), ("402", "key_limit_exceeded"), ("429", "key_rate_limited"),
+            ("429", UPSTREAM_RATE_LIMITED))
 # A stream whose client left, read on for its usage: how that ended.
 DRAIN_OUTCOMES = ("usage", "ended_without_usage", "timeout", "upstream_error")
+# The state a webhook attempt leaves its delivery in (billing.webhooks.attempted).
+WEBHOOK_OUTCOMES = ("delivered", "pending", "exhausted", "cancelled")
 
 
 def multiprocess_dir() -> str | None:
     """The directory prometheus-client's multiprocess mode uses, if this process runs in it."""
     return os.environ.get(MULTIPROC_ENV) or None
+
+
+def fresh_directory() -> tuple[Path, bool]:
+    """The workers' shared metrics directory, empty: the operator's PROMETHEUS_MULTIPROC_DIR (cleared of an earlier
+    run's files, whose counters would otherwise be added to this run's), else a new one. Returns it and whether it
+    was made here (to be removed at the end)."""
+    named = os.environ.get(MULTIPROC_ENV)
+    if named:
+        path = Path(named)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return path, False
+    return Path(tempfile.mkdtemp(prefix="meterline-metrics-")), True
 
 
 class Metrics:
@@ -128,6 +148,14 @@ class Metrics:
         self.processes = Gauge("meterline_processes", "Gateway processes serving (live ones)", registry=own,
                                multiprocess_mode="livesum")
         self.processes.set(1)
+        for event in HOLD_EVENTS:
+            self.holds.labels(event)
+        for status, reason in REFUSALS:
+            self.refusals.labels(status, reason)
+        for outcome in DRAIN_OUTCOMES:
+            self.stream_drains.labels(outcome)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_deliveries.labels(outcome)
 
     # --- what the code that counts calls ---
 

@@ -18,12 +18,12 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from types import FrameType
 
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from gateway import metrics
 from gateway.metrics import MULTIPROC_ENV
 
 
@@ -46,25 +46,11 @@ def _worker(database_url: str | None, host: str, port: int) -> None:
         return
 
 
-def metrics_directory() -> tuple[Path, bool]:
-    """The workers' shared metrics directory, empty: the operator's PROMETHEUS_MULTIPROC_DIR (cleared of an earlier
-    run's files, whose counters would otherwise be added to this run's), else a new one. Returns it and whether it
-    was made here (to be removed at the end)."""
-    named = os.environ.get(MULTIPROC_ENV)
-    if named:
-        path = Path(named)
-        path.mkdir(parents=True, exist_ok=True)
-        for stale in path.glob("*.db"):
-            stale.unlink()
-        return path, False
-    return Path(tempfile.mkdtemp(prefix="meterline-metrics-")), True
-
-
 def serve(database_url: str | None, *, host: str, port: int, workers: int) -> int:
     """Run `workers` worker processes until they all exit. The exit status is that of the first worker that
     failed on its own, else 0: once a stop has been passed on, how a worker ends is not a failure (one still
     in multiprocessing's start-up dies of the signal rather than shutting down, which is just as stopped)."""
-    directory, made = metrics_directory()
+    directory, made = metrics.fresh_directory()
     os.environ[MULTIPROC_ENV] = str(directory)  # before the workers are spawned: they inherit it
     try:
         return _supervise(database_url, host=host, port=port, workers=workers, directory=directory)

@@ -14,7 +14,6 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from billing import keys, ledger, limits
 from gateway import metrics
@@ -27,20 +26,8 @@ from tests.factories import make_account, make_customer, request_id
 from tests.fakes.media_upstream import UPSTREAM_KEY as MEDIA_KEY
 from tests.fakes.media_upstream import MediaUpstream, media_settings
 from tests.fakes.upstream import FakeUpstream
+from tests.metrics_support import Samples, parse, value
 from tests.serving import free_port, meterline_serve
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a scrape by (name, labels); the text must parse as Prometheus's format."""
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; a series that does not exist reads 0 (as Prometheus would find no increase)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def scrape(client: TestClient) -> tuple[str, Samples]:
