@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from billing import keys, ledger, limits
 from gateway import metrics
@@ -27,7 +29,7 @@ from tests.fakes.media_upstream import UPSTREAM_KEY as MEDIA_KEY
 from tests.fakes.media_upstream import MediaUpstream, media_settings
 from tests.fakes.upstream import FakeUpstream
 from tests.metrics_support import Samples, parse, value
-from tests.serving import free_port, meterline_serve
+from tests.serving import ROOT, free_port, meterline_serve
 
 
 async def scrape(client: TestClient) -> tuple[str, Samples]:
@@ -251,3 +253,35 @@ async def test_video_holds_are_counted_once_whoever_resolves_them(
     assert value(samples, "meterline_held_micros_total") == 2 * 4 * 100_000
     assert value(samples, "meterline_requests_total", route="/v1/videos", method="POST", status="202",
                  model="sora-2") == 2
+
+
+def test_the_grafana_dashboard_reads_only_metrics_that_exist() -> None:
+    """docs/grafana/meterline.json: a dashboard with a Prometheus datasource variable, every panel on it, and every
+    query naming only series Meterline exports (a renamed metric fails here)."""
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "meterline.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    exported: set[str] = set()
+    for family in text_string_to_metric_families(metrics.Metrics().exposition().decode()):
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}[family.type]
+        exported.update(family.name + suffix for suffix in suffixes)
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    named: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            used = set(re.findall(r"\bmeterline_[a-z_]+", target["expr"]))
+            assert used and used <= exported, (panel["title"], used - exported)
+            named |= used
+    # Every figure the issue lists has a panel.
+    for needed in ("meterline_requests_total", "meterline_request_duration_seconds_bucket",
+                   "meterline_upstream_duration_seconds_bucket", "meterline_holds_total",
+                   "meterline_charged_micros_total", "meterline_held_micros_total", "meterline_topped_up_micros_total",
+                   "meterline_refusals_total", "meterline_ledger_batch_size_sum",
+                   "meterline_ledger_batch_commit_seconds_bucket", "meterline_db_pool_in_use",
+                   "meterline_db_pool_waiting", "meterline_upstream_errors_total", "meterline_catalog_age_seconds",
+                   "meterline_stream_drains_total", "meterline_webhook_deliveries_total",
+                   "meterline_holds_pending_past_expiry", "meterline_holds_expired_unsettled"):
+        assert needed in named, needed
