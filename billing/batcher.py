@@ -129,7 +129,7 @@ class _Queue(Generic[Item, Out]):
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("ledger batch stopped"))
             raise
-        self._observe(self.name, len(items), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():  # the caller gave up; its outcome is durable all the same
                 continue
@@ -137,6 +137,7 @@ class _Queue(Generic[Item, Out]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+        self._observe(self.name, len(items), seconds)  # once every caller has its outcome
 
     async def _outcomes(self, items: list[Item]) -> Sequence[Out | BaseException]:
         outcomes: Sequence[Out | BaseException]

@@ -90,10 +90,8 @@ def middleware(metrics: Metrics, *, access_log: bool) -> Middleware:
             seconds = time.perf_counter() - started
             route = route_of(request)
             model_id = request.get(MODEL, NO_MODEL)
-            metrics.requests.labels(route, request.method, str(status), model_id).inc()
-            metrics.request_seconds.labels(route).observe(seconds)
-            if status in (402, 429) and (reason := _refusal(response)) is not None:
-                metrics.refusals.labels(str(status), reason).inc()
+            refusal = _refusal(response) if status in (402, 429) else None
+            metrics.request(route, request.method, status, model_id, seconds, refusal)
             if access_log:
                 _write(request.method, route, status, seconds, model_id, cost_of(request))
 

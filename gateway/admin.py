@@ -214,7 +214,7 @@ async def _post(request: web.Request, *, kind: str, amount: int, description: st
         description=description,
     )
     if kind == "topup" and not replayed:
-        request.config_dict[METRICS].topped_up_micros.inc(amount)
+        request.config_dict[METRICS].topped_up(amount)
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     return json_response({"object": kind, **result}, status=201, headers=headers)
 

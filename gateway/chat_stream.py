@@ -242,7 +242,7 @@ class StreamRelay:
             self.failure = self.failure or exc
         metrics = self.opened.upstream.metrics
         if metrics is not None:
-            metrics.stream_drains.labels(outcome).inc()
+            metrics.drained(outcome)
 
     async def finish(self) -> None:
         interrupted = not self.ended and self.settling is None

@@ -23,8 +23,9 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Concatenate, ParamSpec
 
 import asyncpg
 from aiohttp import web
@@ -88,6 +89,25 @@ def fresh_directory() -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="meterline-metrics-")), True
 
 
+P = ParamSpec("P")
+
+
+def _guarded(record: Callable[Concatenate[Metrics, P], None]) -> Callable[Concatenate[Metrics, P], None]:
+    """A figure that cannot be recorded is lost, and said once: it never fails the request or the money step that
+    reported it (a hold taken, a charge committed). In multiprocess mode a figure is written to a file that grows,
+    which fails with OSError when its disk is full; in one process nothing here raises."""
+
+    def guarded(self: Metrics, /, *args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            record(self, *args, **kwargs)
+        except OSError as exc:
+            if not self.failing:
+                self.failing = True
+                log.warning("a metric could not be recorded (%s): the figures are incomplete from now on", exc)
+
+    return guarded
+
+
 class Metrics:
     """Every metric Meterline exports, with the few methods the code that counts calls."""
 
@@ -98,6 +118,7 @@ class Metrics:
         own = None if multiprocess else CollectorRegistry()
         self._own = own
         self.started = time.monotonic()
+        self.failing = False  # a figure could not be recorded (said once)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, registry=own)
@@ -157,30 +178,60 @@ class Metrics:
         for outcome in WEBHOOK_OUTCOMES:
             self.webhook_deliveries.labels(outcome)
 
-    # --- what the code that counts calls ---
+    # --- what the code that counts calls (each guarded: see _guarded) ---
 
+    @_guarded
+    def request(self, route: str, method: str, status: int, model: str, seconds: float,
+                refusal: str | None) -> None:
+        self.requests.labels(route, method, str(status), model).inc()
+        self.request_seconds.labels(route).observe(seconds)
+        if refusal is not None:
+            self.refusals.labels(str(status), refusal).inc()
+
+    @_guarded
     def reserved(self, reservation: Reservation) -> None:
         self.holds.labels("reserved").inc()
         self.held_micros.inc(reservation.granted_micros)
 
+    @_guarded
     def resolved(self, resolution: Resolution) -> None:
         self.holds.labels(resolution.state).inc()
         if resolution.state == "settled":
             self.charged_micros.inc(resolution.actual_micros)
 
+    @_guarded
     def expired(self, count: int) -> None:
         if count:
             self.holds.labels("expired").inc(count)
 
+    @_guarded
+    def topped_up(self, micros: int) -> None:
+        self.topped_up_micros.inc(micros)
+
+    @_guarded
     def batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)
         self.batch_seconds.labels(kind).observe(seconds)
 
+    @_guarded
+    def upstream_time(self, upstream: str, seconds: float) -> None:
+        self.upstream_seconds.labels(upstream).observe(seconds)
+
+    @_guarded
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.upstream_errors.labels(upstream, kind).inc()
 
+    @_guarded
+    def drained(self, outcome: str) -> None:
+        self.stream_drains.labels(outcome).inc()
+
+    @_guarded
+    def webhook_attempt(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+
     # --- exposition ---
 
+    @_guarded
     def sample(self, pool: asyncpg.Pool | None, catalog_age: float) -> None:
         if pool is not None:
             in_use, waiting = db.pool_usage(pool)

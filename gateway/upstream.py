@@ -302,7 +302,7 @@ async def open_response(
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise from_exception(exc, upstream) from None
     if upstream.metrics is not None:
-        upstream.metrics.upstream_seconds.labels(upstream.name).observe(time.perf_counter() - started)
+        upstream.metrics.upstream_time(upstream.name, time.perf_counter() - started)
     if raw.status >= 400:
         try:
             error_body = await raw.read()

@@ -158,7 +158,7 @@ class Worker:
             self.app[POOL], due, owner=self.owner, status=status, error=error, retry_after=retry_after,
             duration_ms=int((time.monotonic() - started) * 1000), schedule=settings.webhook_retry_schedule_seconds,
             disable_after_seconds=settings.webhook_disable_after_seconds)
-        self.app[METRICS].webhook_deliveries.labels(state).inc()
+        self.app[METRICS].webhook_attempt(state)
         if state != "delivered":
             log.info("webhook %s to endpoint %s: %s (%s)", due.event_id, due.endpoint_id or "(job URL)", state,
                      error)

@@ -285,3 +285,21 @@ def test_the_grafana_dashboard_reads_only_metrics_that_exist() -> None:
                    "meterline_stream_drains_total", "meterline_webhook_deliveries_total",
                    "meterline_holds_pending_past_expiry", "meterline_holds_expired_unsettled"):
         assert needed in named, needed
+
+
+def test_a_figure_that_cannot_be_recorded_never_fails_the_step_that_reported_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Multiprocess mode writes figures to files that grow; on a full disk that raises OSError. The hold (or the
+    request) that reported the figure goes on, and the loss is said once."""
+
+    class FullDisk(metrics.Metrics):
+        @metrics._guarded
+        def expired(self, count: int) -> None:
+            raise OSError(28, "No space left on device")
+
+    figures = FullDisk()
+    figures.expired(3)
+    figures.expired(4)
+    assert figures.failing
+    warnings = [r for r in caplog.records if r.name == "meterline.metrics"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
