@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Concatenate, ParamSpec
+from typing import Concatenate, Generic, ParamSpec, TypeVar
 
 import asyncpg
 from aiohttp import web
@@ -90,6 +90,25 @@ def fresh_directory() -> tuple[Path, bool]:
 
 
 P = ParamSpec("P")
+M = TypeVar("M", Counter, Histogram)
+
+
+class _Children(Generic[M]):
+    """A labelled metric's children by their label values, kept in a dict: prometheus-client's `labels()` checks
+    and locks on every call (about 1.5 µs), a dict lookup takes a tenth of that, on every request. The label values
+    are bounded (see the module's docstring), and so is the dict."""
+
+    __slots__ = ("_known", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._known: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._known.get(values)
+        if child is None:
+            child = self._known[values] = self._metric.labels(*values)
+        return child
 
 
 def _guarded(record: Callable[Concatenate[Metrics, P], None]) -> Callable[Concatenate[Metrics, P], None]:
@@ -169,40 +188,50 @@ class Metrics:
         self.processes = Gauge("meterline_processes", "Gateway processes serving (live ones)", registry=own,
                                multiprocess_mode="livesum")
         self.processes.set(1)
+        self._requests = _Children(self.requests)
+        self._request_seconds = _Children(self.request_seconds)
+        self._upstream_seconds = _Children(self.upstream_seconds)
+        self._holds = _Children(self.holds)
+        self._refusals = _Children(self.refusals)
+        self._batch_size = _Children(self.batch_size)
+        self._batch_seconds = _Children(self.batch_seconds)
+        self._upstream_errors = _Children(self.upstream_errors)
+        self._drains = _Children(self.stream_drains)
+        self._webhooks = _Children(self.webhook_deliveries)
         for event in HOLD_EVENTS:
-            self.holds.labels(event)
+            self._holds(event)
         for status, reason in REFUSALS:
-            self.refusals.labels(status, reason)
+            self._refusals(status, reason)
         for outcome in DRAIN_OUTCOMES:
-            self.stream_drains.labels(outcome)
+            self._drains(outcome)
         for outcome in WEBHOOK_OUTCOMES:
-            self.webhook_deliveries.labels(outcome)
+            self._webhooks(outcome)
 
     # --- what the code that counts calls (each guarded: see _guarded) ---
 
     @_guarded
     def request(self, route: str, method: str, status: int, model: str, seconds: float,
                 refusal: str | None) -> None:
-        self.requests.labels(route, method, str(status), model).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        self._requests(route, method, str(status), model).inc()
+        self._request_seconds(route).observe(seconds)
         if refusal is not None:
-            self.refusals.labels(str(status), refusal).inc()
+            self._refusals(str(status), refusal).inc()
 
     @_guarded
     def reserved(self, reservation: Reservation) -> None:
-        self.holds.labels("reserved").inc()
+        self._holds("reserved").inc()
         self.held_micros.inc(reservation.granted_micros)
 
     @_guarded
     def resolved(self, resolution: Resolution) -> None:
-        self.holds.labels(resolution.state).inc()
+        self._holds(resolution.state).inc()
         if resolution.state == "settled":
             self.charged_micros.inc(resolution.actual_micros)
 
     @_guarded
     def expired(self, count: int) -> None:
         if count:
-            self.holds.labels("expired").inc(count)
+            self._holds("expired").inc(count)
 
     @_guarded
     def topped_up(self, micros: int) -> None:
@@ -210,24 +239,24 @@ class Metrics:
 
     @_guarded
     def batch(self, kind: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(kind).observe(size)
-        self.batch_seconds.labels(kind).observe(seconds)
+        self._batch_size(kind).observe(size)
+        self._batch_seconds(kind).observe(seconds)
 
     @_guarded
     def upstream_time(self, upstream: str, seconds: float) -> None:
-        self.upstream_seconds.labels(upstream).observe(seconds)
+        self._upstream_seconds(upstream).observe(seconds)
 
     @_guarded
     def upstream_error(self, upstream: str, kind: str) -> None:
-        self.upstream_errors.labels(upstream, kind).inc()
+        self._upstream_errors(upstream, kind).inc()
 
     @_guarded
     def drained(self, outcome: str) -> None:
-        self.stream_drains.labels(outcome).inc()
+        self._drains(outcome).inc()
 
     @_guarded
     def webhook_attempt(self, outcome: str) -> None:
-        self.webhook_deliveries.labels(outcome).inc()
+        self._webhooks(outcome).inc()
 
     # --- exposition ---
 
