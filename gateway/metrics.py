@@ -302,7 +302,8 @@ async def scrape(app: web.Application) -> web.Response:
     pool = app.get(POOL)
     if pool is not None:
         try:
-            past_expiry, expired_unsettled = await reports.hold_backlog(pool)
+            async with asyncio.timeout(BACKLOG_TIMEOUT_SECONDS):
+                past_expiry, expired_unsettled = await reports.hold_backlog(pool)
         except (DatabaseUnavailable, TimeoutError):
             pass  # the gauges keep their last values; the outage shows in the 503s (and in /readyz)
         else:

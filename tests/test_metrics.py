@@ -63,6 +63,8 @@ async def test_counters_equal_a_known_sequence_of_calls_exactly(
     assert (await chat(chat_client, broke)).status == 402
     openrouter.status = 500
     assert (await chat(chat_client, secret)).status == 502  # its hold is voided
+    openrouter.status = 429
+    assert (await chat(chat_client, secret)).status == 429  # the upstream's refusal; voided too
     openrouter.status = None
     for expected in (200, 429):
         resp = await chat_client.get("/v1/balance", headers={"Authorization": f"Bearer {limited}"})
@@ -81,27 +83,32 @@ async def test_counters_equal_a_known_sequence_of_calls_exactly(
     assert value(samples, "meterline_requests_total", **chat_route, status="200", model=MODEL) == 2
     assert value(samples, "meterline_requests_total", **chat_route, status="402", model=MODEL) == 1
     assert value(samples, "meterline_requests_total", **chat_route, status="502", model=MODEL) == 1
+    assert value(samples, "meterline_requests_total", **chat_route, status="429", model=MODEL) == 1
+    assert value(samples, "meterline_requests_total", route="/admin/accounts/{account_id}/topups", method="POST",
+                 status="201", model="") == 2
     assert value(samples, "meterline_requests_total", route="/v1/balance", method="GET", status="429",
                  model="") == 1
     # An unknown model is no label: the route's template, and no model.
     assert value(samples, "meterline_requests_total", route="/v1/models/{model_id}", method="GET", status="404",
                  model="") == 1
     assert value(samples, "meterline_requests_total", route="unmatched", method="GET", status="404", model="") == 1
-    assert value(samples, "meterline_request_duration_seconds_count", route="/v1/chat/completions") == 4
-    assert value(samples, "meterline_upstream_duration_seconds_count", upstream="openrouter") == 3
+    assert value(samples, "meterline_request_duration_seconds_count", route="/v1/chat/completions") == 5
+    assert value(samples, "meterline_upstream_duration_seconds_count", upstream="openrouter") == 4
 
-    assert value(samples, "meterline_holds_total", event="reserved") == 3
+    assert value(samples, "meterline_holds_total", event="reserved") == 4
     assert value(samples, "meterline_holds_total", event="settled") == 2
-    assert value(samples, "meterline_holds_total", event="voided") == 1
+    assert value(samples, "meterline_holds_total", event="voided") == 2
     assert value(samples, "meterline_charged_micros_total") == 2 * cost(12, 5)
     assert value(samples, "meterline_held_micros_total") == held
     assert value(samples, "meterline_topped_up_micros_total") == 1_250_000
 
     assert value(samples, "meterline_refusals_total", status="402", reason="insufficient_balance") == 1
     assert value(samples, "meterline_refusals_total", status="429", reason="key_rate_limited") == 1
+    assert value(samples, "meterline_refusals_total", status="429", reason="upstream_rate_limited") == 1
     assert value(samples, "meterline_upstream_errors_total", upstream="openrouter", kind="error_status") == 1
-    # Four reservations (the refused one too) and two settlements went through the group commit.
-    assert value(samples, "meterline_ledger_batch_size_sum", kind="reserve") == 4
+    assert value(samples, "meterline_upstream_errors_total", upstream="openrouter", kind="rate_limited") == 1
+    # Five reservations (the refused one too) and two settlements went through the group commit.
+    assert value(samples, "meterline_ledger_batch_size_sum", kind="reserve") == 5
     assert value(samples, "meterline_ledger_batch_size_sum", kind="settle") == 2
     assert value(samples, "meterline_ledger_batch_commit_seconds_count", kind="settle") == value(
         samples, "meterline_ledger_batch_size_count", kind="settle")
