@@ -29,7 +29,15 @@ from typing import Concatenate, Generic, ParamSpec, TypeVar
 
 import asyncpg
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from billing import db, reports
@@ -135,6 +143,10 @@ class Metrics:
         # Multiprocess: metrics write to the directory's files and a scrape reads them all; none is registered
         # (a registered one would be exported twice). Otherwise this app's own registry.
         own = None if multiprocess else CollectorRegistry()
+        # No `_created` series (the time each counter was made): multiprocess mode has none, so one process would
+        # export series that N processes do not, and nothing here reads them. A process-wide switch, never turned
+        # back on.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self._own = own
         self.started = time.monotonic()
         self.failing = False  # a figure could not be recorded (said once)

@@ -310,3 +310,11 @@ def test_a_figure_that_cannot_be_recorded_never_fails_the_step_that_reported_it(
     assert figures.failing
     warnings = [r for r in caplog.records if r.name == "meterline.metrics"]
     assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+
+
+async def test_the_exposition_has_no_created_series(client: TestClient) -> None:
+    """One process exports the series N processes do (multiprocess mode has no `_created` series)."""
+    assert (await client.get("/healthz")).status == 200
+    text, samples = await scrape(client)
+    assert "_created" not in text
+    assert value(samples, "meterline_requests_total", route="/healthz", method="GET", status="200", model="") == 1
