@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -50,6 +51,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print(admin_token.announcement(made, settings, host=host, port=port), flush=True)
     if settings.database_url is None:
         settings = settings.model_copy(update={"database_url": _database_url(settings)})
+    if args.workers == 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from gateway import metrics
+
+        metrics.fresh_directory()  # one process in multiprocess mode all the same: no earlier run's counts
     if args.workers > 1:
         from gateway import workers
 

@@ -23,7 +23,7 @@ from billing import ledger
 from billing.catalog_config import ImageModelConfig
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
 from billing.records import Outcome, RequestRecord
-from gateway import bodies, media
+from gateway import access, bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
@@ -181,6 +181,7 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, upstre
                            record=RequestRecord(model=model, modality="image", endpoint=request.path,
                                                 upstream=upstream.name, quantity=quote.n,
                                                 client_request_id=client_request_id(request)))
+    access.billed(request, hold)
     failure, outcome = "the request did not complete", Outcome(status="cancelled", error_code="CANCELLED")
     try:
         await hold.reserve(quote.hold_micros)
