@@ -306,6 +306,15 @@ async def connect(url: str, *, health: Health | None = None,
     return conn
 
 
+def pool_usage(pool: asyncpg.Pool) -> tuple[int, int]:
+    """The pool's connections in use, and the callers waiting for one (a full pool). asyncpg counts waiters only in
+    its pool's queue of free connections (an asyncio.Queue), so they are read there; 0 if that ever changes."""
+    in_use = pool.get_size() - pool.get_idle_size()
+    getters = getattr(getattr(pool, "_queue", None), "_getters", None)
+    waiting = sum(1 for waiter in getters if not waiter.done()) if getters is not None else 0
+    return in_use, waiting
+
+
 async def ping(conn: asyncpg.Connection | asyncpg.Pool, *, timeout: float | None = None) -> None:
     """A round trip to the database (readiness); DatabaseUnavailable when it does not answer."""
     await conn.fetchval("SELECT 1", timeout=timeout)

@@ -63,6 +63,25 @@ async def durably(call: Callable[[], Awaitable[T]]) -> T:
             delay = min(delay * 2, _MAX_RETRY_SECONDS)
 
 
+class HoldEvents(Protocol):
+    """Told of what the ledger answered for each hold, as it answers (the gateway counts these for its metrics).
+    Called with committed outcomes only; a replayed resolution (nothing written now) is not passed on."""
+
+    def reserved(self, reservation: Reservation) -> None: ...
+
+    def resolved(self, resolution: Resolution) -> None: ...
+
+
+class NoEvents:
+    """HoldEvents that record nothing (billing used on its own: the CLI, tests of the ledger)."""
+
+    def reserved(self, reservation: Reservation) -> None:
+        pass
+
+    def resolved(self, resolution: Resolution) -> None:
+        pass
+
+
 class Steps(Protocol):
     """The SQL of one modality's hold. `response` is what the upstream delivered, kept with the settlement where
     the modality needs it (an image's answer under its Idempotency-Key, a video's output). `void_without_hold`:
@@ -140,9 +159,10 @@ class Holds:
     """The app's hold service: opens a Hold per billed call, with the steps its modality needs."""
 
     def __init__(self, pool: asyncpg.Pool, batcher: LedgerBatcher, tasks: TaskOwner, *, ttl_seconds: float,
-                 void_wait_seconds: float) -> None:
+                 void_wait_seconds: float, events: HoldEvents | None = None) -> None:
         self.pool = pool
         self.tasks = tasks
+        self.events = events or NoEvents()
         self.ttl_seconds = ttl_seconds
         self.void_wait_seconds = void_wait_seconds
         self.batched = Batched(pool, batcher, ttl_seconds)
@@ -153,15 +173,16 @@ class Holds:
     def open(self, request_id: str, *, account_id: str, key_id: str | None, record: RequestRecord,
              steps: Steps | None = None) -> Hold:
         return Hold(self.tasks, steps or self.batched, request_id=request_id, account_id=account_id,
-                    key_id=key_id, record=record, void_wait_seconds=self.void_wait_seconds)
+                    key_id=key_id, record=record, void_wait_seconds=self.void_wait_seconds, events=self.events)
 
 
 class Hold:
     """The money side of one call: its hold, and the single settlement or void that ends it."""
 
     def __init__(self, tasks: TaskOwner, steps: Steps, *, request_id: str, account_id: str, key_id: str | None,
-                 record: RequestRecord, void_wait_seconds: float) -> None:
+                 record: RequestRecord, void_wait_seconds: float, events: HoldEvents | None = None) -> None:
         self.tasks = tasks
+        self.events = events or NoEvents()
         self.void_wait_seconds = void_wait_seconds
         self.steps = steps
         self.request_id = request_id
@@ -211,6 +232,8 @@ class Hold:
         except BaseException:
             self._void_after(task, "cancelled")
             raise
+        if not self.reservation.replayed:
+            self.events.reserved(self.reservation)
         return self.reservation
 
     def _void_after(self, task: asyncio.Task[Reservation], reason: str) -> None:
@@ -248,7 +271,7 @@ class Hold:
         record (a bug, not an outage), the money still moves, with the record reduced to its validated fields."""
         record = self._json(outcome)  # once: a retry through an outage does not lengthen the call's duration
         try:
-            return await durably(lambda: step(record))
+            resolution = await durably(lambda: step(record))
         except asyncpg.PostgresError:
             log.exception("resolving %s failed on its request record; resolving it with a minimal record",
                           self.request_id)
@@ -256,7 +279,10 @@ class Hold:
                                     endpoint=self.record.endpoint, upstream=self.record.upstream,
                                     client_request_id=self.record.client_request_id,
                                     status=outcome.status).as_json()
-            return await durably(lambda: step(minimal))
+            resolution = await durably(lambda: step(minimal))
+        if resolution is not None and not resolution.replayed:
+            self.events.resolved(resolution)
+        return resolution
 
     async def void(self, reason: str, outcome: Outcome) -> Resolution | None:
         """Release the whole hold without charging, once, durably. A call whose reservation was refused (or never

@@ -39,6 +39,7 @@ class Reservation:
     granted_micros: int
     available_micros: int  # what remains available after this hold
     expires_at: datetime
+    replayed: bool = False  # no hold was made now: the call replays an earlier one's (a video's Idempotency-Key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,3 +90,14 @@ async def flags(
         f"{_FLAGS_SQL} ORDER BY created_at, request_id, kind LIMIT $3", start, end, limit
     )
     return counts, [dict(r) for r in rows]
+
+
+async def hold_backlog(conn: Executor) -> tuple[int, int]:
+    """What the alerts watch, as PostgreSQL counts it now: holds still pending past their expiry (the sweeper is
+    not keeping up, or not running), and holds that expired with no charge ever arriving (`expired_unsettled`
+    in `flags`, over all time). One statement; both counts use partial indexes on holds."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM holds WHERE state = 'pending' AND expires_at < now()) AS past_expiry,"
+        " (SELECT count(*) FROM holds WHERE state = 'expired') AS expired_unsettled")
+    assert row is not None
+    return int(row["past_expiry"]), int(row["expired_unsettled"])

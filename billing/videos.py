@@ -21,12 +21,12 @@ from billing import idempotency as idem
 from billing import ledger
 from billing.accounts import new_id
 from billing.db import Executor
-from billing.ledger import Reservation
+from billing.ledger import Reservation, Resolution
 from billing.records import RequestRecord
 from billing.requests_log import Page, decode_cursor, encode_cursor
 
 if TYPE_CHECKING:
-    from billing.holds import Hold
+    from billing.holds import Hold, HoldEvents
 
 UNFINISHED = ("queued", "in_progress")
 STATUSES = (*UNFINISHED, "completed", "failed")  # what the videos table's CHECK allows
@@ -268,13 +268,13 @@ class VideoCreation:
             self.pool, self.new, idempotency=self.idempotency, hold_ttl_seconds=self.hold_ttl_seconds,
             max_job_seconds=self.max_job_seconds, lease_owner=self.lease_owner, lease_seconds=self.lease_seconds)
         self.job, self.replayed = job, reservation is None
-        return reservation or Reservation(hold.request_id, 0, 0, job["created_at"])
+        return reservation or Reservation(hold.request_id, 0, 0, job["created_at"], replayed=True)
 
     async def settle(self, hold: Hold, actual_micros: int, estimated: bool, record: dict[str, Any],
                      response: dict[str, Any] | None) -> None:
         assert self.job is not None
         self.job = await complete(self.pool, self.job["id"], output=response, record=record,
-                                  event_data=self.event_data)
+                                  event_data=self.event_data, events=hold.events)
 
     async def void(self, hold: Hold, reason: str, record: dict[str, Any]) -> None:
         if self.job is None or self.replayed:
@@ -282,7 +282,7 @@ class VideoCreation:
         error = {"code": record.get("error_code") or "creation_failed", "message": reason}
         self.job = await fail(self.pool, self.job["id"], reason=reason, error=error, record=record,
                               idempotency_scope=self.idempotency[0] if self.idempotency else None,
-                              event_data=self.event_data)
+                              event_data=self.event_data, events=hold.events)
 
 
 async def _emit(conn: Executor, job: dict[str, Any], event_type: str, event_data: EventData | None) -> None:
@@ -292,10 +292,15 @@ async def _emit(conn: Executor, job: dict[str, Any], event_type: str, event_data
                            event_data(job), f"video:{job['id']}", job["webhook_url"])
 
 
+def _committed(events: HoldEvents | None, resolution: Resolution) -> None:
+    if events is not None and not resolution.replayed:
+        events.resolved(resolution)
+
+
 async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any, record: dict[str, Any],
-                   event_data: EventData | None = None) -> dict[str, Any]:
-    """Mark the job completed and charge its price, once, with its `video.completed` event. A job already
-    finished is returned as it is."""
+                   event_data: EventData | None = None, events: HoldEvents | None = None) -> dict[str, Any]:
+    """Mark the job completed and charge its price, once, with its `video.completed` event (and tell `events` of
+    the settlement once committed). A job already finished is returned as it is."""
     async with pool.acquire() as conn, conn.transaction():
         job = await conn.fetchrow("SELECT * FROM videos WHERE id = $1 FOR UPDATE", video_id)
         assert job is not None
@@ -311,12 +316,13 @@ async def complete(pool: asyncpg.Pool, video_id: str, *, output: Any, record: di
         )
         assert row is not None
         await _emit(conn, dict(row), "video.completed", event_data)
-        return dict(row)
+    _committed(events, resolution)
+    return dict(row)
 
 
 async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[str, Any],
                record: dict[str, Any], idempotency_scope: str | None = None, event_data: EventData | None = None,
-               event_type: str = "video.failed") -> dict[str, Any]:
+               event_type: str = "video.failed", events: HoldEvents | None = None) -> dict[str, Any]:
     """Mark the job failed and release its hold without charge, once, with its event (`video.failed`, or
     `video.cancelled` when the upstream cancelled it). With `idempotency_scope`, the Idempotency-Key that created
     the job is freed as well, so that a retry can create a new job."""
@@ -325,7 +331,7 @@ async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[st
         assert job is not None
         if job["status"] not in UNFINISHED:
             return dict(job)
-        await ledger.void(conn, request_id=job["request_id"], reason=reason, record=record)
+        resolution = await ledger.void(conn, request_id=job["request_id"], reason=reason, record=record)
         row = await conn.fetchrow(
             """UPDATE videos SET status = 'failed', error = $2, completed_at = now(),
                       lease_owner = NULL, lease_until = NULL
@@ -339,5 +345,6 @@ async def fail(pool: asyncpg.Pool, video_id: str, *, reason: str, error: dict[st
             )
         assert row is not None
         await _emit(conn, dict(row), event_type, event_data)
-        return dict(row)
+    _committed(events, resolution)
+    return dict(row)
 

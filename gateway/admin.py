@@ -16,6 +16,7 @@ from gateway.bodies import header, query_int, read_model
 from gateway.errors import invalid
 from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
+from gateway.metrics import METRICS
 from gateway.render import json_response
 
 routes = web.RouteTableDef()
@@ -212,6 +213,8 @@ async def _post(request: web.Request, *, kind: str, amount: int, description: st
         amount_micros=amount,
         description=description,
     )
+    if kind == "topup" and not replayed:
+        request.config_dict[METRICS].topped_up(amount)
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     return json_response({"object": kind, **result}, status=201, headers=headers)
 

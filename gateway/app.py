@@ -15,6 +15,7 @@ from billing.holds import Holds
 from billing.keys import KeyStore, follow_key_changes
 from billing.tasks import TaskOwner
 from gateway import (
+    access,
     admin,
     auth,
     chat,
@@ -23,6 +24,7 @@ from gateway import (
     conversations_api,
     images,
     media_poller,
+    metrics,
     models_api,
     server,
     upstream,
@@ -60,7 +62,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = pool
         app[KEY_STORE] = KeyStore(pool, ttl_seconds=settings.key_cache_seconds,
                                   notified_ttl_seconds=settings.key_cache_notified_seconds)
-        app[BATCHER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max)
+        app[BATCHER] = LedgerBatcher(pool, max_batch=settings.ledger_batch_max, observe=app[metrics.METRICS].batch)
         listener = asyncio.create_task(
             follow_key_changes(lambda: db.connect(url, health=health,
                                                   command_timeout=settings.database_timeout_seconds),
@@ -84,7 +86,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = TaskOwner()
     app[TASKS] = tasks
     app[HOLDS] = Holds(app[POOL], app[BATCHER], tasks, ttl_seconds=settings.hold_ttl_seconds,
-                       void_wait_seconds=settings.stream_settle_wait_seconds)
+                       void_wait_seconds=settings.stream_settle_wait_seconds, events=app[metrics.METRICS])
     start_sweeper(app)
     start_housekeeping(app)
     yield
@@ -120,19 +122,25 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    # Under `serve --workers N` the supervisor set PROMETHEUS_MULTIPROC_DIR: the figures of all processes add up.
+    observed = metrics.Metrics(multiprocess=metrics.multiprocess_dir())
+    app = web.Application(middlewares=[access.middleware(observed, access_log=settings.access_log),
+                                       error_middleware])
     app.on_response_prepare.append(auth.stamp_response)
     app[SETTINGS] = settings
+    app[metrics.METRICS] = observed
     app[BREAKERS] = Breakers(threshold=settings.provider_failure_threshold,
-                             cooldown_seconds=settings.provider_cooldown_seconds)
+                             cooldown_seconds=settings.provider_cooldown_seconds, on_change=observed.circuit_changed)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(http_client_ctx)
     app.cleanup_ctx.append(tasks_ctx)  # after the pool and the session, so it is closed (drained) before them
     app.cleanup_ctx.append(models_api.catalog_ctx)  # after tasks_ctx: its refresh task
     app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after tasks_ctx: its polling task
     app.cleanup_ctx.append(webhook_worker.webhook_worker_ctx)  # after tasks_ctx: its delivery loop
+    app.cleanup_ctx.append(metrics.metrics_ctx)  # after catalog_ctx: samples the pool and the catalog
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics.metrics_with_token)
     consumer.add_routes(app)
     chat.add_routes(app)
     conversations_api.add_routes(app)
@@ -157,5 +165,10 @@ def serve(settings: Settings, *, host: str, port: int, reuse_port: bool = False,
             pass
         else:
             loop = uvloop.new_event_loop()
-    server.run(create_app(settings), host=host, port=port, loop=loop or asyncio.new_event_loop(),
-               access_log=settings.access_log, reuse_port=reuse_port, print=print)
+    app = create_app(settings)
+    listeners = []
+    if settings.metrics_port is not None:
+        # Every worker listens there too (SO_REUSEPORT): whichever answers a scrape reports every process.
+        listeners.append(server.Listener(metrics.listener_app(app), settings.metrics_host, settings.metrics_port))
+    server.run(app, host=host, port=port, loop=loop or asyncio.new_event_loop(), reuse_port=reuse_port,
+               print=print, listeners=listeners)

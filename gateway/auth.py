@@ -99,13 +99,19 @@ def requires_key(handler: Handler) -> Handler:
     return wrapper
 
 
-@web.middleware
-async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /admin route: `Authorization: Bearer $METERLINE_ADMIN_TOKEN`, compared in constant time."""
+def check_admin(request: web.Request) -> None:
+    """`Authorization: Bearer $METERLINE_ADMIN_TOKEN`, compared in constant time, or a 401 (every /admin route,
+    and /metrics on the API's port)."""
     configured = request.config_dict[SETTINGS].admin_token
     token = bearer(request)
     if configured is None or not configured.get_secret_value():
         raise unauthenticated("The admin API is disabled: no admin token is configured")
     if token is None or not hmac.compare_digest(token.encode(), configured.get_secret_value().encode()):
         raise unauthenticated("Invalid admin token")
+
+
+@web.middleware
+async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /admin route: the admin token."""
+    check_admin(request)
     return await handler(request)

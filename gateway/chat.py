@@ -23,7 +23,7 @@ from billing.conversations import Context
 from billing.holds import Hold
 from billing.records import Outcome, RequestRecord
 from billing.text import HoldRules, TextQuote
-from gateway import chat_state, models_api, upstream
+from gateway import access, chat_state, models_api, upstream
 from gateway.auth import requires_key
 from gateway.bodies import dry_run, read_json_object
 from gateway.chat_answer import AnswerEdits
@@ -66,6 +66,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat(await read_json_object(request), max_choices=settings.max_choices)
     key = request[API_KEY]
     entry = await resolve_model(app, chat.model, modality="text")
+    access.model(request, entry.id)
     assert entry.prices is not None
     rules = hold_rules(settings)
     allowance = text.output_allowance(chat.max_output_tokens, entry.max_output_tokens, rules)
@@ -88,6 +89,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user,
         client_request_id=client_request_id(request)),
         steps=steps)
+    access.billed(request, hold)
     quote, _, output_tokens = await text.reserve(hold, quote)
     try:  # from here on the hold exists: every way out of this block ends it
         headers: dict[str, str] = {}

@@ -225,6 +225,7 @@ class StreamRelay:
         if error is None:
             return
         message = error.get("message") if isinstance(error, dict) else error
+        self.opened.upstream.failed("stream_error")
         self.failure = ApiError(502, "UPSTREAM_ERROR",
                                 self.opened.upstream.redact(str(message or "The upstream failed mid-stream")),
                                 type="upstream_error")
@@ -236,18 +237,25 @@ class StreamRelay:
 
     async def _drain(self) -> None:
         """Read on (writing nothing) until the usage chunk or the end, for at most `drain_seconds`."""
+        outcome = "usage"
         try:
             async with asyncio.timeout(self.drain_seconds):
                 while self.usage is None:
                     event = await self.reader.next()
                     if event is None:
+                        outcome = "ended_without_usage"
                         break
                     self._inspect(event)
         except TimeoutError:
+            outcome = "timeout"
             log.warning("stream %s: no usage within %gs of the client leaving; billing an estimate",
                         self.hold.request_id, self.drain_seconds)
         except UpstreamError as exc:
+            outcome = "upstream_error"
             self.failure = self.failure or exc
+        metrics = self.opened.upstream.metrics
+        if metrics is not None:
+            metrics.drained(outcome)
 
     async def finish(self) -> None:
         interrupted = not self.ended and self.settling is None

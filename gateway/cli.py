@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
+import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -48,12 +51,42 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         print(admin_token.announcement(made, settings, host=host, port=port), flush=True)
     if settings.database_url is None:
         settings = settings.model_copy(update={"database_url": _database_url(settings)})
+    if args.workers == 1 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from gateway import metrics
+
+        metrics.fresh_directory()  # one process in multiprocess mode all the same: no earlier run's counts
     if args.workers > 1:
         from gateway import workers
 
         return workers.serve(settings.database_url, host=host, port=port, workers=args.workers)
-    serve(settings, host=host, port=port, print=lambda msg: print(msg, flush=True))
+    with address_in_use(host, port):
+        serve(settings, host=host, port=port, print=lambda msg: print(msg, flush=True))
     return 0
+
+
+class AddressInUse(Exception):
+    """The port to listen on is taken; the message names it and what to do."""
+
+
+@contextlib.contextmanager
+def address_in_use(host: str, port: int) -> Iterator[None]:
+    """Turn the bind failure of a taken port (another `meterline serve` or `demo`, say) into one plain line."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise AddressInUse(f"cannot listen on {host}:{port}: the address is already in use (another meterline "
+                           "serve or demo?); choose another port with --port or METERLINE_PORT") from None
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import demo
+
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    with address_in_use(host, port):
+        return demo.run(settings, host=host, port=port)
 
 
 def cmd_admin_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -194,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="processes sharing the port (SO_REUSEPORT); default 1")
     serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("demo", help="run the gateway offline on a simulated upstream, with a funded demo account")
+    demo.add_argument("--host", default=None)
+    demo.add_argument("--port", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
     sub.add_parser("admin-token", help="print the admin token (configured, or made by the first serve)"
                    ).set_defaults(func=cmd_admin_token)
 
@@ -253,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"meterline: {exc}", file=sys.stderr)
         return 2
-    except BillingError as exc:
+    except (BillingError, AddressInUse) as exc:
         print(f"meterline: {exc}", file=sys.stderr)
         return 1
     return status

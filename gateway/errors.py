@@ -66,7 +66,13 @@ class ApiError(Exception):
         return {"error": error}
 
     def response(self) -> web.Response:
-        return json_response(self.body(), status=self.status, headers=self.headers)
+        response = json_response(self.body(), status=self.status, headers=self.headers)
+        response[API_ERROR] = self  # what the metrics count a refusal by (gateway.access)
+        return response
+
+
+# The error a response renders, kept on the response for the code that observes it once it is answered.
+API_ERROR = web.ResponseKey("api_error", ApiError)
 
 
 def invalid(message: str, param: str | None = None) -> ApiError:

@@ -32,6 +32,7 @@ from billing.catalog_config import ModelConfig
 from billing.holds import Hold
 from gateway.breaker import Breakers
 from gateway.keys import SETTINGS
+from gateway.metrics import METRICS
 from gateway.routing import Preference, Route, order, parse_preference, routes_of
 from gateway.upstream import Upstream, UpstreamError, upstream_named
 
@@ -128,7 +129,8 @@ class Routing:
             try:
                 result = await send(route, upstream_named(self.app, route.upstream))
             except UpstreamError as exc:
-                self._attempt(route, started, exc.upstream_status, exc.code)
+                self._attempt(route, started, exc.upstream_status, exc.code,
+                              "failed" if retryable(exc) else "refused")
                 if not retryable(exc):
                     if breakers is not None:
                         breakers.release(key)  # the request's fault says nothing of the provider
@@ -143,14 +145,17 @@ class Routing:
                 raise
             if breakers is not None:
                 breakers.succeeded(key)
-            self._attempt(route, started, 200, None)
+            self._attempt(route, started, 200, None, "served")
             self.served = route
             return result
         raise self._exhausted(failures, skipped)
 
-    def _attempt(self, route: Route, started: float, status: int | None, code: str | None) -> None:
+    def _attempt(self, route: Route, started: float, status: int | None, code: str | None,
+                 outcome: str) -> None:
         self.attempts.append(Attempt(route.name, status, code,
                                      max(0, int((time.monotonic() - started) * 1000))))
+        if self.routed:
+            self.app[METRICS].provider_attempt(route.upstream, route.model, outcome)
 
     def _exhausted(self, failures: list[tuple[Route, UpstreamError]], skipped: list[Route]) -> UpstreamError:
         if not self.routed and failures:

@@ -24,7 +24,7 @@ from billing import ledger
 from billing.catalog_config import ImageModelConfig
 from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
 from billing.records import Outcome, RequestRecord
-from gateway import bodies, media
+from gateway import access, bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.chat_usage import generation_id
@@ -189,6 +189,7 @@ async def _billed(request: web.Request, *, model: str, quote: ImageQuote, routin
                            record=RequestRecord(model=model, modality="image", endpoint=request.path,
                                                 upstream=routing.routes[0].upstream, quantity=quote.n,
                                                 client_request_id=client_request_id(request)))
+    access.billed(request, hold)
     failure, outcome = "the request did not complete", Outcome(status="cancelled", error_code="CANCELLED")
     try:
         await hold.reserve(quote.hold_micros)

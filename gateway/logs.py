@@ -43,8 +43,14 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# A record's structured fields: `log.info(..., extra={FIELDS: {...}})` puts them in the JSON line as they are (the
+# access log's method, route, status...); a text line shows only the message, which should say them readably.
+FIELDS = "fields"
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO-8601), level, logger, message, the request's ids, the traceback."""
+    """One JSON object per line: time (UTC, ISO-8601), level, logger, message, the request's ids, the record's
+    structured fields, the traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -56,6 +62,10 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 line[name] = value
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, dict):
+            for name, value in fields.items():
+                line.setdefault(name, value)  # never over the line's own keys
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)

@@ -22,6 +22,7 @@ from billing import idempotency, videos
 from billing.errors import DatabaseUnavailable
 from billing.holds import durably
 from gateway.keys import POOL, SETTINGS, TASKS
+from gateway.metrics import METRICS
 from gateway.tasks import every
 from gateway.upstream import UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
@@ -55,7 +56,7 @@ async def fail(app: web.Application, job: dict[str, Any], reason: str, error: di
         app[POOL], job["id"], reason=reason, error=error,
         record=videos.record(job, "upstream_failure", error_code=code if isinstance(code, str) else None),
         idempotency_scope=idempotency.scope("videos", job["account_id"]), event_data=event_data(app),
-        event_type=event_type))
+        event_type=event_type, events=app[METRICS]))
 
 
 async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +89,7 @@ async def refresh(app: web.Application, job: dict[str, Any]) -> dict[str, Any]:
     if status == "completed":
         return await durably(lambda: videos.complete(app[POOL], job["id"], output=answer,
                                                      record=videos.record(job, "completed"),
-                                                     event_data=event_data(app)))
+                                                     event_data=event_data(app), events=app[METRICS]))
     if status in _FAILED:
         error = answer.get("error") if isinstance(answer.get("error"), dict) else None
         return await fail(app, job, f"the upstream reported the job {status}",

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web, web_protocol
-from aiohttp.abc import AbstractAccessLogger
 
-from gateway.errors import REQUEST_ID, REQUEST_ID_HEADER
 from gateway.render import dumps
 
 log = logging.getLogger("meterline.server")
@@ -72,45 +71,51 @@ class GuardedAppRunner(web.AppRunner):
                               loop=loop, **self._kwargs)
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: peer, method, path (never the query string), status, bytes, milliseconds, and the
-    request's id. Headers are never logged."""
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A further app served beside the main one, on its own address (the metrics listener)."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %d %d %.1fms %s", request.remote, request.method, request.path, response.status,
-                         response.body_length, time * 1000, request.get(REQUEST_ID) or
-                         response.headers.get(REQUEST_ID_HEADER, "-"))
+    app: web.Application
+    host: str
+    port: int
 
 
-def runner(app: web.Application, *, access_log: bool, handle_signals: bool = False,
+def runner(app: web.Application, *, handle_signals: bool = False,
            handler_cancellation: bool = False) -> GuardedAppRunner:
-    from aiohttp.log import access_logger
-
     return GuardedAppRunner(app, handle_signals=handle_signals, handler_cancellation=handler_cancellation,
-                            access_log_class=AccessLogger, access_log=access_logger if access_log else None)
+                            access_log=None)
 
 
-async def _serve(app: web.Application, *, host: str, port: int, reuse_port: bool, access_log: bool,
-                 print: Callable[[str], None] | None) -> None:
-    served = runner(app, access_log=access_log, handle_signals=True)
+async def _serve(app: web.Application, *, host: str, port: int, reuse_port: bool,
+                 print: Callable[[str], None] | None, listeners: Sequence[Listener]) -> None:
+    served = runner(app, handle_signals=True)
     await served.setup()
+    extra: list[GuardedAppRunner] = []
     try:
         site = web.TCPSite(served, host, port, reuse_port=reuse_port or None)
         await site.start()
+        for listener in listeners:
+            # Started after the main app, whose start-up (the pool, the catalog) what they serve may read.
+            side = runner(listener.app)
+            extra.append(side)
+            await side.setup()
+            await web.TCPSite(side, listener.host, listener.port, reuse_port=reuse_port or None).start()
         if print is not None:
             print(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
         await asyncio.Event().wait()  # until a signal (GracefulExit) or a stop cancels this
     finally:
+        for side in reversed(extra):
+            await side.cleanup()
         await served.cleanup()
 
 
-def run(app: web.Application, *, host: str, port: int, loop: asyncio.AbstractEventLoop, access_log: bool,
-        reuse_port: bool = False, print: Callable[[str], None] | None = None) -> None:
+def run(app: web.Application, *, host: str, port: int, loop: asyncio.AbstractEventLoop, reuse_port: bool = False,
+        print: Callable[[str], None] | None = None, listeners: Sequence[Listener] = ()) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (in-flight requests, then the app's cleanup:
     settlements in flight are drained), as web.run_app does."""
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, host=host, port=port, reuse_port=reuse_port, access_log=access_log,
-                                   print=print))
+    main = loop.create_task(_serve(app, host=host, port=port, reuse_port=reuse_port, print=print,
+                                   listeners=listeners))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):

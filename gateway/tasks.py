@@ -12,6 +12,7 @@ from aiohttp import web
 from billing import console, conversation_store, ledger
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
+from gateway.metrics import METRICS
 
 log = logging.getLogger("meterline.tasks")
 # Jitter from a generator of our own: the global `random` state belongs to whoever else shares the process.
@@ -36,6 +37,7 @@ async def every(seconds: float, step: Callable[[], Awaitable[object]], what: str
 
 async def sweep_expired_holds(app: web.Application) -> None:
     expired = await ledger.sweep(app[POOL])
+    app[METRICS].expired(expired)
     if expired:
         log.info("expired %d holds past their expiry", expired)
 

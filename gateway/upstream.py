@@ -18,10 +18,11 @@ import io
 import json
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from gateway.errors import ApiError
 from gateway.keys import HTTP, SETTINGS
+from gateway.metrics import METRICS, Metrics
 from gateway.render import dumps
 from gateway.settings import Settings, UpstreamSettings
 
@@ -53,10 +55,16 @@ class UpstreamError(ApiError):
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """One configured upstream: its name (for logs and request records) and settings."""
+    """One configured upstream: its name (for logs, request records and metric labels), settings, and the app's
+    metrics (its failures are counted where they are translated)."""
 
     name: str
     settings: UpstreamSettings
+    metrics: Metrics | None = field(default=None, compare=False, repr=False)
+
+    def failed(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.upstream_error(self.name, kind)
 
     def url(self, path: str) -> str:
         return f"{self.settings.base_url}/{path.lstrip('/')}"
@@ -118,7 +126,7 @@ def upstream_named(app: web.Application, name: str) -> Upstream:
                             f"The {name!r} upstream is not configured on this gateway, so this model cannot be "
                             "served; its operator sets [upstreams." + name + "] base_url", upstream_status=None,
                             type="server_error")
-    return Upstream(name, settings)
+    return Upstream(name, settings, app.get(METRICS))
 
 
 def report_unconfigured(settings: Settings) -> list[str]:
@@ -139,11 +147,12 @@ def report_unconfigured(settings: Settings) -> list[str]:
 def from_exception(exc: BaseException, upstream: Upstream) -> UpstreamError:
     """The one translation of a transport failure (timeout, refused, reset, malformed response)."""
     if isinstance(exc, TimeoutError):
-        message = f"The upstream {upstream.name} did not answer in time"
+        message, kind = f"The upstream {upstream.name} did not answer in time", "timeout"
     elif isinstance(exc, aiohttp.ClientConnectorError):
-        message = f"The upstream {upstream.name} could not be reached"
+        message, kind = f"The upstream {upstream.name} could not be reached", "unreachable"
     else:
-        message = f"The connection to the upstream {upstream.name} failed"
+        message, kind = f"The connection to the upstream {upstream.name} failed", "connection"
+    upstream.failed(kind)
     log.warning("upstream %s failed: %s", upstream.name, type(exc).__name__)
     return UpstreamError(502, "UPSTREAM_ERROR", message, upstream_status=None)
 
@@ -168,6 +177,7 @@ def from_status(status: int, body: bytes, upstream: Upstream) -> UpstreamError:
     """The one translation of an upstream error status."""
     message = upstream_message(body)
     log.warning("upstream %s answered %d", upstream.name, status)
+    upstream.failed("rate_limited" if status == 429 else "rejected" if status in _CLIENT_FAULT else "error_status")
     if status == 429:
         return UpstreamError(429, "RATE_LIMITED",
                              f"The upstream {upstream.name} is rate limiting requests; retry later",
@@ -206,6 +216,7 @@ class UpstreamResponse:
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            self.upstream.failed("malformed")
             raise UpstreamError(502, "UPSTREAM_ERROR",
                                 f"The upstream {self.upstream.name} sent a malformed response",
                                 upstream_status=self.status) from None
@@ -316,11 +327,14 @@ async def open_response(
         if len(body) > _LARGE_BODY:  # aiohttp writes a large bytes body in one go, blocking; a stream is chunked
             body = io.BytesIO(body)
         send_headers["Content-Type"] = "application/json"
+    started = time.perf_counter()
     try:
         raw = await session.request(method, upstream.url(path), data=body, params=params,
                                     headers=send_headers, timeout=upstream.timeout())
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise from_exception(exc, upstream) from None
+    if upstream.metrics is not None:
+        upstream.metrics.upstream_time(upstream.name, time.perf_counter() - started)
     if raw.status >= 400:
         try:
             error_body = await raw.read()

@@ -21,7 +21,7 @@ from billing import ledger, videos
 from billing.catalog_config import VideoModelConfig
 from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
 from billing.records import Outcome, RequestRecord
-from gateway import bodies, media
+from gateway import access, bodies, media
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
@@ -141,6 +141,7 @@ async def _create(request: web.Request, *, body: dict[str, Any], form: Form | No
                            record=RequestRecord(model=model, modality="video", endpoint=request.path,
                                                 upstream=routing.routes[0].upstream, quantity=quote.seconds,
                                                 client_request_id=client_request_id(request)))
+    access.billed(request, hold)
     await hold.reserve(quote.hold_micros)
     assert steps.job is not None
     if steps.replayed:

@@ -34,6 +34,7 @@ from standardwebhooks import Webhook
 from billing import webhooks
 from billing.webhooks import Due
 from gateway.keys import POOL, SETTINGS, TASKS
+from gateway.metrics import METRICS
 from gateway.render import iso
 from gateway.tasks import every
 
@@ -157,6 +158,7 @@ class Worker:
             self.app[POOL], due, owner=self.owner, status=status, error=error, retry_after=retry_after,
             duration_ms=int((time.monotonic() - started) * 1000), schedule=settings.webhook_retry_schedule_seconds,
             disable_after_seconds=settings.webhook_disable_after_seconds)
+        self.app[METRICS].webhook_attempt(state)
         if state != "delivered":
             log.info("webhook %s to endpoint %s: %s (%s)", due.event_id, due.endpoint_id or "(job URL)", state,
                      error)

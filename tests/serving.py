@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
-async def running(app: web.Application, *, handler_cancellation: bool, access_log: bool = False
-                  ) -> AsyncIterator[str]:
+async def running(app: web.Application, *, handler_cancellation: bool) -> AsyncIterator[str]:
     """Serve `app` on 127.0.0.1 with the given handler_cancellation; yields the base URL."""
-    runner = server.runner(app, access_log=access_log, handler_cancellation=handler_cancellation)
+    runner = server.runner(app, handler_cancellation=handler_cancellation)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

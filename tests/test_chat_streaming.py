@@ -32,6 +32,7 @@ from tests.chat_support import (
 )
 from tests.factories import make_customer
 from tests.fakes.upstream import CONTENT_PIECE, FakeUpstream
+from tests.metrics_support import of_app, value
 from tests.outage import backend_waiting_on
 from tests.serving import meterline_serve, running
 
@@ -136,6 +137,7 @@ async def test_client_disconnect_mid_stream_is_charged_once_from_the_upstream_us
     record = await request_record(pool, hold["request_id"])
     assert (record["status"], record["error_code"]) == ("cancelled", "CLIENT_DISCONNECTED")
     assert openrouter.finished == 1  # the gateway read the upstream to its end
+    assert value(of_app(app), "meterline_stream_drains_total", outcome="usage") == 1
 
 
 async def test_past_the_drain_window_the_prompt_and_delivered_tokens_are_billed_as_estimated(
@@ -158,6 +160,9 @@ async def test_past_the_drain_window_the_prompt_and_delivered_tokens_are_billed_
     assert await charges(pool) == [(charge, True)]
     record = await request_record(pool, hold["request_id"])
     assert (record["estimated"], record["completion_tokens"], record["status"]) == (True, delivered, "cancelled")
+    drains = of_app(client.app)
+    assert (value(drains, "meterline_stream_drains_total", outcome="timeout"),
+            value(drains, "meterline_stream_drains_total", outcome="usage")) == (1, 0)
 
 
 @pytest.mark.parametrize(("knob", "message"), [

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
 from billing.catalog_config import ModelConfig
@@ -181,6 +182,21 @@ async def test_a_provider_that_keeps_failing_is_skipped_uncalled_then_tried_agai
     resp = await api.post("/v1/chat/completions", json=ASK, headers=auth(secret))
     assert resp.headers["X-Meterline-Provider"] == "alpha"  # closed again
     assert await charges(pool) == [CHARGE] * 5
+    exposition = await (await api.get("/metrics", headers=admin_headers())).text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(exposition) for s in family.samples
+               if s.name.startswith("meterline_provider")}
+
+    def sample(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    alpha_labels = {"upstream": "alpha", "model": "acme/plain"}
+    assert [sample("meterline_provider_circuit_changes_total", **alpha_labels, state=state)
+            for state in ("open", "half_open", "closed")] == [1, 1, 1]
+    assert sample("meterline_provider_circuit_open", **alpha_labels) == 0
+    assert [sample("meterline_provider_attempts_total", **alpha_labels, outcome=outcome)
+            for outcome in ("failed", "served")] == [2, 2]
+    assert sample("meterline_provider_attempts_total", upstream="beta", model="vendor/plain", outcome="served") == 3
 
 
 async def test_a_stream_whose_first_provider_fails_before_its_first_chunk_is_served_whole_by_the_second(

@@ -20,6 +20,7 @@ from gateway.settings import Settings
 from tests.conftest import admin_headers
 from tests.factories import billed_request, make_account, make_customer
 from tests.fakes.webhook_receiver import WebhookReceiver
+from tests.metrics_support import of_app, value
 
 
 @pytest.fixture
@@ -107,6 +108,12 @@ async def test_a_receiver_that_fails_twice_gets_three_attempts_of_one_event_and_
     resp = await client.get(f"/v1/webhooks/{endpoint['id']}/attempts", headers={"Authorization": f"Bearer {secret}"})
     assert [a["status"] for a in (await resp.json())["data"]] == [200, 503, 500]
     assert await states(pool) == [("delivered", 3)]
+
+    async def counted() -> bool:  # the worker counts an attempt once its outcome has committed
+        return value(of_app(client.app), "meterline_webhook_deliveries_total", outcome="delivered") == 1
+
+    await until(counted, "the delivery counted")
+    assert value(of_app(client.app), "meterline_webhook_deliveries_total", outcome="pending") == 2
 
 
 async def test_a_receiver_that_always_fails_is_exhausted_and_its_endpoint_disabled_after_the_period(
