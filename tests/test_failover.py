@@ -122,6 +122,12 @@ async def test_a_failing_first_provider_is_passed_over_and_the_second_serves_one
         ("alpha", expected_status, expected_code), ("beta", 200, None)]
     assert (record["upstream_cost_micros"], record["generation_id"]) == (BETA_COST, "gen-fake-1")
     assert await verify(pool) == []
+    for query in ({"generation_id": "gen-fake-1"}, {"provider": "beta"}):
+        found = await (await api.get("/v1/requests", params=query, headers=auth(secret))).json()
+        assert [(r["id"], r["provider"], r["generation_id"]) for r in found["data"]] == [
+            (resp.headers["X-Request-Id"], "beta", "gen-fake-1")]
+    assert (await (await api.get("/v1/requests", params={"provider": "alpha"}, headers=auth(secret))).json())[
+        "data"] == []
 
 
 async def test_a_request_the_first_provider_refuses_as_invalid_is_answered_at_once_and_not_retried(
