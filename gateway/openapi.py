@@ -1,0 +1,224 @@
+"""`GET /openapi.json`: the OpenAPI 3.1 document of every API route, generated from the app's route table and the
+contract each handler declares (gateway.contract), with request and answer schemas from the pydantic models and
+field tables the handlers validate with. Nothing in it is written beside the server, so it cannot drift.
+
+What is derived rather than declared: the paths (walked from the router, sub-apps included), path parameters
+(from the path), security (the admin sub-app's middleware: the admin token; `requires_key`: a customer key), and
+the errors every route shares: 400 for a NUL in the path or query (the error middleware refuses it everywhere),
+401 and 429 where a key or token is checked, 413 where a body is read, and 503 with Retry-After where the database
+is used. The web console (HTML pages for browsers) is not part of the API and is left out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import PrefixedSubAppResource
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway import contract, wire
+from gateway.auth import admin_middleware, needs_key
+from gateway.contract import Failure, Operation
+from gateway.errors import REQUEST_ID_HEADER
+from gateway.keys import SETTINGS
+from gateway.render import json_response
+from gateway.settings import Settings
+
+# Sub-apps that are not the API: the console serves HTML pages to browsers.
+UNDOCUMENTED = frozenset({"/console"})
+# The path prefixes consumer routes are served under twice; the second is the same API for clients configured
+# with OpenAI's `/openai/v1` base path, so its operation ids are prefixed to keep them unique.
+_ALIAS_PREFIX = "/openai/v1/"
+_PATH_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+_COMPONENTS = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A served route: its method, its path as OpenAPI writes it, its handler and who may call it."""
+
+    method: str
+    path: str
+    handler: Any
+    security: str | None  # "adminToken", "customerKey" or None
+
+
+def routes(app: web.Application) -> Iterator[Route]:
+    """Every API route the app serves (HEAD, which aiohttp adds beside each GET, mirrors its GET)."""
+    yield from _walk(app, admin=False)
+
+
+def _walk(app: web.Application, *, admin: bool) -> Iterator[Route]:
+    for resource in app.router.resources():
+        if isinstance(resource, PrefixedSubAppResource):
+            info = resource.get_info()
+            if info["prefix"] in UNDOCUMENTED:
+                continue
+            sub: web.Application = info["app"]
+            yield from _walk(sub, admin=admin or admin_middleware in sub.middlewares)
+            continue
+        for route in resource:
+            if route.method == "HEAD" or resource.canonical is None:
+                continue
+            handler = route.handler
+            security = "adminToken" if admin else "customerKey" if needs_key(handler) else None
+            yield Route(route.method, resource.canonical, handler, security)
+
+
+def document(app: web.Application) -> dict[str, Any]:
+    """The OpenAPI document of `app`. Raises LookupError naming any route whose handler declares no contract."""
+    settings = app[SETTINGS]
+    models: set[type[BaseModel]] = {wire.Error}
+    paths: dict[str, dict[str, Any]] = {}
+    missing = []
+    for route in routes(app):
+        declared = contract.declared(route.handler)
+        if declared is None:
+            missing.append(f"{route.method} {route.path}")
+            continue
+        paths.setdefault(_PATH_PARAM.sub(r"{\1}", route.path), {})[route.method.lower()] = _operation(
+            route, declared, settings, models)
+    if missing:
+        raise LookupError(f"routes without a contract (gateway.contract.operation): {', '.join(missing)}")
+    _, schemas = models_json_schema([(m, "serialization") for m in sorted(models, key=lambda m: m.__name__)],
+                                    ref_template=_COMPONENTS)
+    defs = schemas.get("$defs", {})
+    clashes = sorted(m.__name__ for m in models if m.__name__ not in defs)
+    if clashes:  # pydantic renames models that share a name, which would break the references made above
+        raise LookupError(f"two request or answer models share a name: {', '.join(clashes)}")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Meterline", "version": "1",
+                 "description": "A metered-billing gateway for OpenAI-compatible AI APIs. Amounts are integer "
+                                "micros (1/1,000,000 USD)."},
+        "servers": [{"url": settings.public_url or "/"}],
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": defs,
+            "securitySchemes": {
+                "customerKey": {"type": "http", "scheme": "bearer", "bearerFormat": "ml-...",
+                                "description": "A customer API key (`Authorization: Bearer ml-...`)"},
+                "adminToken": {"type": "http", "scheme": "bearer",
+                               "description": "The operator's admin token (`admin_token`)"},
+            },
+        },
+    }
+
+
+def _ref(model: type[BaseModel], models: set[type[BaseModel]]) -> dict[str, Any]:
+    models.add(model)
+    return {"$ref": _COMPONENTS.format(model=model.__name__)}
+
+
+def _operation(route: Route, op: Operation, settings: Settings,
+               models: set[type[BaseModel]]) -> dict[str, Any]:
+    alias = route.path.startswith(_ALIAS_PREFIX)
+    declared = {p.name: p for p in op.path}
+    name = getattr(route.handler, "__name__", "handler")
+    section = route.path.strip("/").split("/")[0]
+    spec: dict[str, Any] = {
+        "operationId": f"openai_{name}" if alias else name,
+        "summary": op.summary,
+        "tags": [{"v1": "consumer", "openai": "consumer (OpenAI base path)"}.get(section, section)],
+        "parameters": [
+            *(declared[p].spec() if p in declared else
+              {"name": p, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+              for p in _PATH_PARAM.findall(route.path)),
+            *(p.spec() for p in (*op.query, *op.headers)),
+        ],
+        "responses": _responses(route, op, models),
+        "security": [{route.security: []}] if route.security else [],
+    }
+    doc = (getattr(route.handler, "__doc__", None) or "").strip()
+    if doc:
+        spec["description"] = doc
+    if op.body is not None:
+        schema = (_ref(op.body.schema, models) if isinstance(op.body.schema, type)
+                  else op.body.schema(settings))
+        content = {media: {"schema": schema} for media in op.body.media}
+        if op.body.multipart is not None:
+            content["multipart/form-data"] = {"schema": op.body.multipart(settings)}
+        spec["requestBody"] = {"required": op.body.required, "content": content}
+    return spec
+
+
+def _failures(route: Route, op: Operation) -> list[Failure]:
+    shared = [contract.INVALID]  # a NUL in the path or query is refused on every route
+    if route.security is not None:
+        shared.append(contract.UNAUTHENTICATED)
+    if route.security == "customerKey":
+        shared.append(contract.RATE_LIMITED)
+    if op.body is not None:
+        shared.append(contract.TOO_LARGE)
+    if op.database:
+        shared.append(contract.DATABASE_UNAVAILABLE)
+    return [*shared, *op.errors]
+
+
+_HEADER = {"schema": {"type": "string"}}
+
+
+def _answer_schema(model: type[BaseModel] | tuple[type[BaseModel], ...],
+                   models: set[type[BaseModel]]) -> dict[str, Any]:
+    if isinstance(model, tuple):
+        return {"anyOf": [_ref(m, models) for m in model]}
+    return _ref(model, models)
+
+
+def _responses(route: Route, op: Operation, models: set[type[BaseModel]]) -> dict[str, Any]:
+    request_id = {REQUEST_ID_HEADER: {**_HEADER, "required": True, "description": "This request's id"}}
+    responses: dict[str, Any] = {}
+    for answer in op.answers:
+        content = {media: {"schema": _answer_schema(answer.model, models)} if answer.model is not None
+                   and media == "application/json" else {} for media in answer.media}
+        headers = {**request_id,
+                   **{name: {**_HEADER, "description": text} for name, text in answer.headers.items()}}
+        responses[str(answer.status)] = {"description": answer.description, "headers": headers, "content": content}
+    by_status: dict[int, list[Failure]] = {}
+    for failure in _failures(route, op):
+        by_status.setdefault(failure.status, []).append(failure)
+    for status, failures in sorted(by_status.items()):
+        if str(status) in responses:
+            continue  # a declared answer with that status (readiness's 503) describes it
+        codes = list(dict.fromkeys(f.code for f in failures))
+        error_headers = dict(request_id)
+        for failure in failures:
+            for name in failure.headers:
+                error_headers[name] = {**_HEADER, "description": "Seconds to wait before retrying"}
+        schema = {"allOf": [_ref(wire.Error, models)],
+                  "properties": {"error": {"properties": {"code": {"enum": codes}}}}}
+        responses[str(status)] = {
+            "description": "; ".join(f"{f.code}: {f.when}" for f in dict.fromkeys(failures)),
+            "headers": error_headers,
+            "content": {"application/json": {"schema": schema}},
+        }
+    return responses
+
+
+DOCUMENT = web.AppKey("openapi_document", dict)
+
+
+@contract.operation("This OpenAPI document", answer=contract.Answer(description="The OpenAPI 3.1 document"),
+                    database=False)
+async def openapi_json(request: web.Request) -> web.Response:
+    """Served without authentication, as OpenRouter and Lumenfall publish theirs."""
+    cached = request.app.get(DOCUMENT)
+    if cached is None:
+        cached = document(request.app)
+    return json_response(cached)
+
+
+async def _build(app: web.Application) -> None:
+    """Built once at start, when every route (sub-apps' too) is registered: a route without a contract stops the
+    start here rather than at the first request for the document."""
+    app[DOCUMENT] = document(app)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi_json)
+    app.on_startup.append(_build)
