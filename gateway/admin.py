@@ -25,7 +25,8 @@ routes = web.RouteTableDef()
 _LEDGER_CURSOR = re.compile(r"[0-9]{1,18}")
 _ACCOUNTS_LIMIT = limit(20, 100)
 _LEDGER_LIMIT = limit(50, 500)
-_LEDGER_PAGE = TextParam("cursor", "next_cursor of the previous page (a transfer id)")
+_LEDGER_PAGE = TextParam("cursor", "next_cursor of the previous page (a transfer id)",
+                         pattern=f"^{_LEDGER_CURSOR.pattern}$")
 # Money movements require one: a retry with the same key and body answers the first posting.
 _IDEMPOTENCY_KEY = HeaderParam("Idempotency-Key", "Required: a retry with the same key and body answers the first "
                                "posting (with Idempotent-Replayed: true) instead of posting again", required=True,
@@ -80,8 +81,15 @@ class CreateKey(KeyLimits):
 
 
 class Amount(_Body):
+    # The schema says what _one_amount checks: one of the two, given and not null.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("amount_micros", "amount_usd")]})
+
     amount_micros: Micros | None = None
-    amount_usd: StrictStr | None = None
+    # Parsed by billing.money.usd_to_micros (any exact decimal string); the schema shows the plain spelling.
+    amount_usd: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$",
+                                                              "examples": ["12.50"]})] | None = None
 
     @model_validator(mode="after")
     def _one_amount(self) -> Amount:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from billing import pricing, text, tokens
 from billing.catalog import CatalogEntry
+from billing.catalog_config import TextModelConfig
 from billing.conversations import Context
 from billing.holds import Hold
 from billing.records import Outcome, RequestRecord
@@ -49,7 +50,9 @@ def hold_rules(settings: Settings) -> HoldRules:
 
 @operation(
     "Create a chat completion, billed from its usage (streamed as server-sent events with `stream`)",
-    body=Body(lambda settings: body_schema(max_choices=settings.max_choices)), query=(DRY_RUN,),
+    body=Body(lambda settings: body_schema(max_choices=settings.max_choices, models=[
+        model for model, entry in settings.models.items() if isinstance(entry, TextModelConfig)])),
+    query=(DRY_RUN,),
     answer=Answer((wire.ChatCompletion, wire.Estimate), media=("application/json", "text/event-stream"),
                   headers={"X-Cost-Micros": "The charge, in micros (not on a stream or a dryRun)",
                            REDUCED_HEADER: "The output limit the balance could cover, when lower than asked"},

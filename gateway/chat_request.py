@@ -276,12 +276,17 @@ _OWN: dict[str, Rule] = {
 _REQUIRED = ("model", "messages")
 
 
-def body_schema(*, max_choices: int) -> dict[str, Any]:
+def body_schema(*, max_choices: int, models: list[str]) -> dict[str, Any]:
     """The JSON Schema of a chat completion request, from the rules `parse_chat` checks with: every known field,
-    nothing else (a refused cost driver or an unknown field is a 400)."""
+    nothing else (a refused cost driver or an unknown field is a 400). `models` are shown as examples (any model
+    of the catalog may be asked for)."""
     properties: dict[str, Any] = {}
     for name, rule in {**_OWN, **_FORWARDED}.items():
-        schema = rule.schema if name != "n" else {**rule.schema, "maximum": max_choices}
+        schema = rule.schema
+        if name == "n":
+            schema = {**schema, "maximum": max_choices}
+        elif name == "model" and models:
+            schema = {**schema, "examples": models}
         properties[name] = schema if name in _REQUIRED else {"anyOf": [schema, {"type": "null"}]}
     refused = "; ".join(f"{name}: {why}" for name, why in REFUSED.items())
     return {"type": "object", "required": list(_REQUIRED), "properties": properties, "additionalProperties": False,

@@ -68,8 +68,9 @@ class IntParam(Param):
 @dataclass(frozen=True, slots=True)
 class TimeParam(Param):
     def schema(self) -> dict[str, Any]:
-        # A date alone is accepted too (its midnight, UTC), so the format is not date-time's alone.
-        return {"type": "string", "examples": ["2026-03-01T00:00:00Z", "2026-03-01"]}
+        # A date alone is accepted too (its midnight, UTC); no zone means UTC.
+        return {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}],
+                "examples": ["2026-03-01T00:00:00Z", "2026-03-01"]}
 
     def read(self, request: web.Request) -> datetime | None:
         return query_time(request, self.name, required=self.required)
@@ -85,9 +86,15 @@ class TextParam(Param):
     """Free text (an id, a cursor, a filter): empty means absent; longer than `max_length` is a 400."""
 
     max_length: int | None = None
+    pattern: str | None = None  # for the document: what a value the handler takes looks like
 
     def schema(self) -> dict[str, Any]:
-        return {"type": "string"} if self.max_length is None else {"type": "string", "maxLength": self.max_length}
+        schema: dict[str, Any] = {"type": "string"}
+        if self.max_length is not None:
+            schema["maxLength"] = self.max_length
+        if self.pattern is not None:
+            schema["pattern"] = self.pattern
+        return schema
 
     def read(self, request: web.Request) -> str | None:
         value = request.query.get(self.name) or None

@@ -32,8 +32,14 @@ _CREATED = Answer(wire.WebhookEndpoint, status=201)
 class NewEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[StrictStr, Field(min_length=1, max_length=2000)]
-    events: Annotated[list[StrictStr], Field(min_length=1, max_length=len(webhooks.EVENT_TYPES) + 1)]
+    # Checked by check_target (https, and a public address unless webhook_allow_private_targets); the schema shows
+    # the plain form of a public https URL.
+    url: Annotated[StrictStr, Field(min_length=1, max_length=2000,
+                                    json_schema_extra={"pattern": r"^https://[a-z0-9-]+(\.[a-z0-9-]+)+(/[a-z0-9/-]*)?$",
+                                                       "examples": ["https://hooks.example.com/meterline"]})]
+    # Checked against the known types by _create (naming the unknown ones); the schema lists them.
+    events: Annotated[list[StrictStr], Field(min_length=1, max_length=len(webhooks.EVENT_TYPES) + 1,
+                                             json_schema_extra={"items": {"enum": [*webhooks.EVENT_TYPES, "*"]}})]
     description: Annotated[StrictStr, Field(max_length=500)] | None = None
 
 

@@ -162,7 +162,7 @@ CHAT_BODIES: list[tuple[str, dict[str, Any]]] = [
 @pytest.mark.parametrize("body", [b for _, b in CHAT_BODIES], ids=[name for name, _ in CHAT_BODIES])
 def test_the_chat_schema_accepts_exactly_what_parse_chat_accepts(body: dict[str, Any]) -> None:
     """The schema is built from parse_chat's own rules: on each body, valid by the schema iff parse_chat takes it."""
-    validator = jsonschema_rs.validator_for(body_schema(max_choices=4))
+    validator = jsonschema_rs.validator_for(body_schema(max_choices=4, models=[]))
     try:
         parse_chat(body, max_choices=4)
         accepted = True
@@ -173,7 +173,8 @@ def test_the_chat_schema_accepts_exactly_what_parse_chat_accepts(body: dict[str,
 
 
 def test_the_chat_schema_lists_every_field_parse_chat_knows() -> None:
-    schema = body_schema(max_choices=16)
+    schema = body_schema(max_choices=16, models=["m"])
     assert set(schema["properties"]) == {*chat_request._OWN, *chat_request._FORWARDED}
     assert schema["required"] == ["model", "messages"] and schema["additionalProperties"] is False
     assert schema["properties"]["n"]["anyOf"][0]["maximum"] == 16
+    assert schema["properties"]["model"]["examples"] == ["m"]
