@@ -26,7 +26,7 @@ from gateway.auth import admin_middleware, needs_key
 from gateway.contract import Failure, Operation
 from gateway.errors import REQUEST_ID_HEADER
 from gateway.keys import SETTINGS
-from gateway.render import json_response
+from gateway.render import dumps
 from gateway.settings import Settings
 
 # Sub-apps that are not the API: the console serves HTML pages to browsers.
@@ -70,21 +70,24 @@ def _walk(app: web.Application, *, admin: bool) -> Iterator[Route]:
             yield Route(route.method, resource.canonical, handler, security)
 
 
+def check_declared(app: web.Application) -> None:
+    """Raise LookupError naming every route whose handler declares no contract."""
+    missing = [f"{route.method} {route.path}" for route in routes(app) if contract.declared(route.handler) is None]
+    if missing:
+        raise LookupError(f"routes without a contract (gateway.contract.operation): {', '.join(missing)}")
+
+
 def document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI document of `app`. Raises LookupError naming any route whose handler declares no contract."""
+    check_declared(app)
     settings = app[SETTINGS]
     models: set[type[BaseModel]] = {wire.Error}
     paths: dict[str, dict[str, Any]] = {}
-    missing = []
     for route in routes(app):
         declared = contract.declared(route.handler)
-        if declared is None:
-            missing.append(f"{route.method} {route.path}")
-            continue
+        assert declared is not None
         paths.setdefault(_PATH_PARAM.sub(r"{\1}", route.path), {})[route.method.lower()] = _operation(
             route, declared, settings, models)
-    if missing:
-        raise LookupError(f"routes without a contract (gateway.contract.operation): {', '.join(missing)}")
     _, schemas = models_json_schema([(m, "serialization") for m in sorted(models, key=lambda m: m.__name__)],
                                     ref_template=_COMPONENTS)
     defs = schemas.get("$defs", {})
@@ -200,25 +203,34 @@ def _responses(route: Route, op: Operation, models: set[type[BaseModel]]) -> dic
     return responses
 
 
-DOCUMENT = web.AppKey("openapi_document", dict)
+class _Rendered:
+    """The document's JSON text, made at the first request for it (tens of milliseconds, which every start of
+    every process and test app would otherwise pay) and kept: the routes and settings it reflects never change
+    while the app runs."""
+
+    text: str | None = None
+
+
+RENDERED = web.AppKey("openapi_rendered", _Rendered)
 
 
 @contract.operation("This OpenAPI document", answer=contract.Answer(description="The OpenAPI 3.1 document"),
                     database=False)
 async def openapi_json(request: web.Request) -> web.Response:
     """Served without authentication, as OpenRouter and Lumenfall publish theirs."""
-    cached = request.app.get(DOCUMENT)
-    if cached is None:
-        cached = document(request.app)
-    return json_response(cached)
+    rendered = request.app[RENDERED]
+    if rendered.text is None:
+        rendered.text = dumps(document(request.app))
+    return web.Response(text=rendered.text, content_type="application/json")
 
 
-async def _build(app: web.Application) -> None:
-    """Built once at start, when every route (sub-apps' too) is registered: a route without a contract stops the
-    start here rather than at the first request for the document."""
-    app[DOCUMENT] = document(app)
+async def _check(app: web.Application) -> None:
+    """At start, when every route (sub-apps' too) is registered: a route without a contract stops the start here
+    rather than at the first request for the document (a walk of the routes, no schema built)."""
+    check_declared(app)
 
 
 def add_routes(app: web.Application) -> None:
+    app[RENDERED] = _Rendered()
     app.router.add_get("/openapi.json", openapi_json)
-    app.on_startup.append(_build)
+    app.on_startup.insert(0, _check)  # before the cleanup contexts open anything a refused start would leave open

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import jsonschema_rs
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_urldispatcher import PrefixedSubAppResource
 
 from gateway import chat_request
@@ -63,15 +64,25 @@ async def test_the_document_is_served_without_credentials_and_lists_exactly_the_
     assert len(ids) == len(set(ids)) == 76
 
 
-async def test_a_route_without_a_contract_stops_the_document(settings: Settings) -> None:
-    app = create_app(settings)
+async def test_a_route_without_a_contract_stops_the_document_and_the_start(
+        settings: Settings, pool: asyncpg.Pool) -> None:
+    def app_with_undeclared_route() -> web.Application:
+        app = create_app(settings)
 
-    async def undeclared(request: web.Request) -> web.Response:
-        return web.Response()
+        async def undeclared(request: web.Request) -> web.Response:
+            return web.Response()
 
-    app.router.add_get("/v1/undeclared", undeclared)
+        app.router.add_get("/v1/undeclared", undeclared)
+        return app
+
     with pytest.raises(LookupError, match=r"routes without a contract .*: GET /v1/undeclared$"):
-        document(app)
+        document(app_with_undeclared_route())
+    server = TestServer(app_with_undeclared_route())
+    try:
+        with pytest.raises(LookupError, match=r"GET /v1/undeclared$"):
+            await server.start_server()
+    finally:
+        await server.close()
 
 
 async def test_security_in_the_document_is_what_each_route_demands(client: TestClient) -> None:
