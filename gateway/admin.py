@@ -13,7 +13,7 @@ from billing.money import MAX_MICROS, usd_to_micros
 from gateway import conversations_api, webhooks_api, wire
 from gateway.auth import admin_middleware
 from gateway.bodies import header, read_model
-from gateway.contract import IDEMPOTENCY_CONFLICT, NOT_FOUND, Answer, Body, operation
+from gateway.contract import IDEMPOTENCY_CONFLICT, INSUFFICIENT_BALANCE, NOT_FOUND, Answer, Body, operation
 from gateway.errors import invalid
 from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
@@ -256,7 +256,7 @@ async def topup(request: web.Request) -> web.Response:
 
 
 @operation("Correct an account's balance, up or down, with a reason", body=Adjustment, headers=(_IDEMPOTENCY_KEY,),
-           answer=_POSTED, errors=(NOT_FOUND, IDEMPOTENCY_CONFLICT))
+           answer=_POSTED, errors=(NOT_FOUND, INSUFFICIENT_BALANCE, IDEMPOTENCY_CONFLICT))
 @routes.post("/accounts/{account_id}/adjustments")
 async def adjustment(request: web.Request) -> web.Response:
     body = await read_model(request, Adjustment)

@@ -47,6 +47,7 @@ INSUFFICIENT_BALANCE = Failure(402, "INSUFFICIENT_BALANCE", "The available balan
                                "`required_micros` and `available_micros` say by how much")
 KEY_LIMIT = Failure(402, "KEY_LIMIT_EXCEEDED", "The key's spend limit for its window cannot cover the call's hold")
 NOT_FOUND = Failure(404, "NOT_FOUND", "No such object (or it belongs to another account)")
+NO_ROUTE = Failure(404, "NOT_FOUND", "No route matches the path (a path parameter holding a / or a line break)")
 MODEL_NOT_FOUND = Failure(404, "MODEL_NOT_FOUND", "The model does not exist or is not priced")
 CONVERSATION_NOT_FOUND = Failure(404, "CONVERSATION_NOT_FOUND", "No such stored conversation for this key")
 MEMORY_NOT_FOUND = Failure(404, "MEMORY_NOT_FOUND", "No such memory for this key")

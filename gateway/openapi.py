@@ -5,8 +5,9 @@ field tables the handlers validate with. Nothing in it is written beside the ser
 What is derived rather than declared: the paths (walked from the router, sub-apps included), path parameters
 (from the path), security (the admin sub-app's middleware: the admin token; `requires_key`: a customer key), and
 the errors every route shares: 400 for a NUL in the path or query (the error middleware refuses it everywhere),
-401 and 429 where a key or token is checked, 413 where a body is read, and 503 with Retry-After where the database
-is used. The web console (HTML pages for browsers) is not part of the API and is left out.
+404 where a path parameter may hold what the router cannot match, 401 and 429 where a key or token is checked, 413
+where a body is read, and 503 with Retry-After where the database is used. The web console (HTML pages for
+browsers) is not part of the API and is left out.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from gateway.settings import Settings
 
 # Sub-apps that are not the API: the console serves HTML pages to browsers.
 UNDOCUMENTED = frozenset({"/console"})
-# The path prefixes consumer routes are served under twice; the second is the same API for clients configured
-# with OpenAI's `/openai/v1` base path, so its operation ids are prefixed to keep them unique.
-_ALIAS_PREFIX = "/openai/v1/"
+_NOT_WORD = re.compile(r"[^a-z0-9]+")
 _PATH_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _COMPONENTS = "#/components/schemas/{model}"
 
@@ -120,14 +119,14 @@ def _ref(model: type[BaseModel], models: set[type[BaseModel]]) -> dict[str, Any]
 
 def _operation(route: Route, op: Operation, settings: Settings,
                models: set[type[BaseModel]]) -> dict[str, Any]:
-    alias = route.path.startswith(_ALIAS_PREFIX)
     declared = {p.name: p for p in op.path}
-    name = getattr(route.handler, "__name__", "handler")
     section = route.path.strip("/").split("/")[0]
+    path = _PATH_PARAM.sub(r"{\1}", route.path)
     spec: dict[str, Any] = {
-        "operationId": f"openai_{name}" if alias else name,
+        # From the method and path, so unique by construction: post_v1_chat_completions, get_admin_accounts_account_id
+        "operationId": _NOT_WORD.sub("_", f"{route.method} {path}".lower()).strip("_"),
         "summary": op.summary,
-        "tags": [{"v1": "consumer", "openai": "consumer (OpenAI base path)"}.get(section, section)],
+        "tags": [{"v1": "consumer", "openai": "consumer (/openai/v1)", "admin": "admin"}.get(section, "health")],
         "parameters": [
             *(declared[p].spec() if p in declared else
               {"name": p, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
@@ -152,6 +151,8 @@ def _operation(route: Route, op: Operation, settings: Settings,
 
 def _failures(route: Route, op: Operation) -> list[Failure]:
     shared = [contract.INVALID]  # a NUL in the path or query is refused on every route
+    if _PATH_PARAM.search(route.path):
+        shared.append(contract.NO_ROUTE)  # a path parameter the router cannot match (a "/" or a line break in it)
     if route.security is not None:
         shared.append(contract.UNAUTHENTICATED)
     if route.security == "customerKey":
