@@ -29,7 +29,7 @@ from gateway.render import json_response
 
 _LIMIT = limit(20, 100)
 _PAGE: tuple[Param, ...] = (_LIMIT, CURSOR)
-_OWNER: tuple[Param, ...] = (TextParam("account_id", "Only this account's"), TextParam("key_id", "Only this key's"))
+_OWNER = (TextParam("account_id", "Only this account's"), TextParam("key_id", "Only this key's"))
 
 
 def render_conversation(row: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +170,7 @@ admin_routes = web.RouteTableDef()
 
 
 def _owner_filter(request: web.Request) -> dict[str, str | None]:
-    return {param.name: param.read(request) for param in _OWNER if isinstance(param, TextParam)}
+    return {param.name: param.read(request) for param in _OWNER}
 
 
 @operation("Every account's stored conversations, newest first", query=(*_PAGE, *_OWNER),
