@@ -56,8 +56,9 @@ VIDEO_NOT_READY = Failure(409, "VIDEO_NOT_READY", "The video has not completed y
 TOO_LARGE = Failure(413, "REQUEST_TOO_LARGE", "The body is larger than the gateway accepts")
 IDEMPOTENCY_CONFLICT = Failure(422, "IDEMPOTENCY_CONFLICT",
                                "The Idempotency-Key was used before with a different request")
-RATE_LIMITED = Failure(429, "RATE_LIMITED", "The key's requests-per-minute or per-day limit is reached (or the "
-                       "upstream's); retry after Retry-After seconds", headers=("Retry-After",))
+RATE_LIMITED = Failure(429, "RATE_LIMITED", "The key's requests-per-minute or per-day limit is reached; retry "
+                       "after Retry-After seconds", headers=("Retry-After",))
+UPSTREAM_RATE_LIMITED = Failure(429, "RATE_LIMITED", "The upstream is rate limiting requests; retry later")
 UPSTREAM_ERROR = Failure(502, "UPSTREAM_ERROR", "The upstream failed, timed out or answered malformed; nothing is "
                          "charged")
 UPSTREAM_NOT_CONFIGURED = Failure(503, "UPSTREAM_NOT_CONFIGURED",
@@ -66,7 +67,7 @@ DATABASE_UNAVAILABLE = Failure(503, "SERVICE_UNAVAILABLE", "The database is not 
                                "Retry-After seconds", headers=("Retry-After",))
 
 # What every billed upstream call may answer besides its own validation.
-UPSTREAM_CALL = (INSUFFICIENT_BALANCE, KEY_LIMIT, MODEL_NOT_FOUND, RATE_LIMITED, UPSTREAM_ERROR,
+UPSTREAM_CALL = (INSUFFICIENT_BALANCE, KEY_LIMIT, MODEL_NOT_FOUND, UPSTREAM_RATE_LIMITED, UPSTREAM_ERROR,
                  UPSTREAM_NOT_CONFIGURED)
 
 

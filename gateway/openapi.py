@@ -193,7 +193,10 @@ def _responses(route: Route, op: Operation, models: set[type[BaseModel]]) -> dic
         error_headers = dict(request_id)
         for failure in failures:
             for name in failure.headers:
-                error_headers[name] = {**_HEADER, "description": "Seconds to wait before retrying"}
+                # Required where every error of this status sends it (a database outage's 503 does; a missing
+                # upstream's does not).
+                error_headers[name] = {**_HEADER, "description": "Seconds to wait before retrying",
+                                       "required": all(name in f.headers for f in failures)}
         schema = {"allOf": [_ref(wire.Error, models)],
                   "properties": {"error": {"properties": {"code": {"enum": codes}}}}}
         responses[str(status)] = {

@@ -29,10 +29,10 @@ from gateway.contract import (
     IDEMPOTENCY_CONFLICT,
     INVALID,
     NOT_FOUND,
-    RATE_LIMITED,
     UPSTREAM_CALL,
     UPSTREAM_ERROR,
     UPSTREAM_NOT_CONFIGURED,
+    UPSTREAM_RATE_LIMITED,
     VIDEO_NOT_READY,
     Answer,
     Body,
@@ -251,7 +251,8 @@ async def retrieve(request: web.Request) -> web.Response:
 
 @operation("A completed video's file, streamed from the upstream", query=(_VARIANT,),
            answer=Answer(media=("*/*",), description="The file, with the upstream's content type (video/mp4)"),
-           errors=(NOT_FOUND, VIDEO_NOT_READY, UPSTREAM_ERROR, UPSTREAM_NOT_CONFIGURED, RATE_LIMITED, INVALID))
+           errors=(NOT_FOUND, VIDEO_NOT_READY, UPSTREAM_ERROR, UPSTREAM_NOT_CONFIGURED, UPSTREAM_RATE_LIMITED,
+                   INVALID))
 @requires_key
 async def content(request: web.Request) -> web.StreamResponse:
     """The finished file, relayed chunk by chunk as the upstream sends it (never buffered whole)."""

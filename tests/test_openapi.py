@@ -131,6 +131,11 @@ async def test_every_error_response_names_its_codes_and_a_retry_after_where_it_i
     assert codes(chat["503"]) == ["SERVICE_UNAVAILABLE", "UPSTREAM_NOT_CONFIGURED"]
     assert set(chat["429"]["headers"]) == {"X-Request-Id", "Retry-After"}
     assert set(chat["503"]["headers"]) == {"X-Request-Id", "Retry-After"}
+    # Required where every error of the status sends it: a key's 429 and an outage's 503 do; an upstream's 429
+    # and a missing upstream's 503 (which chat may also answer) do not.
+    balance = doc["paths"]["/v1/balance"]["get"]["responses"]
+    assert [r["headers"]["Retry-After"]["required"] for r in (balance["429"], balance["503"])] == [True, True]
+    assert [r["headers"]["Retry-After"]["required"] for r in (chat["429"], chat["503"])] == [False, False]
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
     health = doc["paths"]["/healthz"]["get"]["responses"]
     assert sorted(health) == ["200", "400"]  # no credentials, no database: only a NUL in the query is refused
