@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import PrefixedSubAppResource
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway import contract, wire
 from gateway.auth import admin_middleware, needs_key
@@ -35,6 +35,8 @@ UNDOCUMENTED = frozenset({"/console"})
 _NOT_WORD = re.compile(r"[^a-z0-9]+")
 _PATH_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _COMPONENTS = "#/components/schemas/{model}"
+# The models the document refers to, each with the way it is used (request bodies validate, answers serialize).
+Models = dict[type[BaseModel], JsonSchemaMode]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +82,14 @@ def document(app: web.Application) -> dict[str, Any]:
     """The OpenAPI document of `app`. Raises LookupError naming any route whose handler declares no contract."""
     check_declared(app)
     settings = app[SETTINGS]
-    models: set[type[BaseModel]] = {wire.Error}
+    models: Models = {wire.Error: "serialization"}
     paths: dict[str, dict[str, Any]] = {}
     for route in routes(app):
         declared = contract.declared(route.handler)
         assert declared is not None
         paths.setdefault(_PATH_PARAM.sub(r"{\1}", route.path), {})[route.method.lower()] = _operation(
             route, declared, settings, models)
-    _, schemas = models_json_schema([(m, "serialization") for m in sorted(models, key=lambda m: m.__name__)],
+    _, schemas = models_json_schema(sorted(models.items(), key=lambda item: item[0].__name__),
                                     ref_template=_COMPONENTS)
     defs = schemas.get("$defs", {})
     clashes = sorted(m.__name__ for m in models if m.__name__ not in defs)
@@ -112,13 +114,14 @@ def document(app: web.Application) -> dict[str, Any]:
     }
 
 
-def _ref(model: type[BaseModel], models: set[type[BaseModel]]) -> dict[str, Any]:
-    models.add(model)
+def _ref(model: type[BaseModel], models: Models, mode: JsonSchemaMode = "serialization") -> dict[str, Any]:
+    """A reference to `model`'s schema: as it validates a request body, or as an answer is rendered."""
+    models[model] = mode
     return {"$ref": _COMPONENTS.format(model=model.__name__)}
 
 
 def _operation(route: Route, op: Operation, settings: Settings,
-               models: set[type[BaseModel]]) -> dict[str, Any]:
+               models: Models) -> dict[str, Any]:
     declared = {p.name: p for p in op.path}
     section = route.path.strip("/").split("/")[0]
     path = _PATH_PARAM.sub(r"{\1}", route.path)
@@ -140,7 +143,7 @@ def _operation(route: Route, op: Operation, settings: Settings,
     if doc:
         spec["description"] = doc
     if op.body is not None:
-        schema = (_ref(op.body.schema, models) if isinstance(op.body.schema, type)
+        schema = (_ref(op.body.schema, models, "validation") if isinstance(op.body.schema, type)
                   else op.body.schema(settings))
         content = {media: {"schema": schema} for media in op.body.media}
         if op.body.multipart is not None:
@@ -168,13 +171,13 @@ _HEADER = {"schema": {"type": "string"}}
 
 
 def _answer_schema(model: type[BaseModel] | tuple[type[BaseModel], ...],
-                   models: set[type[BaseModel]]) -> dict[str, Any]:
+                   models: Models) -> dict[str, Any]:
     if isinstance(model, tuple):
         return {"anyOf": [_ref(m, models) for m in model]}
     return _ref(model, models)
 
 
-def _responses(route: Route, op: Operation, models: set[type[BaseModel]]) -> dict[str, Any]:
+def _responses(route: Route, op: Operation, models: Models) -> dict[str, Any]:
     request_id = {REQUEST_ID_HEADER: {**_HEADER, "required": True, "description": "This request's id"}}
     responses: dict[str, Any] = {}
     for answer in op.answers:
