@@ -1,14 +1,15 @@
 """What each route promises its clients, declared beside its handler: `@operation(...)` names its summary, request
 body, query parameters, answer and the errors it may give, and gateway.openapi turns those declarations and the
-app's route table into the OpenAPI document. A route without one fails tests/test_openapi.py.
+app's route table into the OpenAPI document. A route without one stops the app's start (and its tests).
 
 Security, path parameters and the errors every route shares (authentication, rate limits, an outage of the
 database, a NUL in the path, an oversized body) are not declared: they follow from how the route is served (its
-sub-app's middleware, `requires_key`, its path, whether it reads a body), so they cannot be forgotten.
+sub-app's middleware, `requires_key`, its path, whether it reads a body), so they cannot be forgotten. Only a
+handler that checks credentials itself names its scheme (`security=`).
 
 Documenting a new route is one decorator above its handler, e.g.::
 
-    @operation("Prometheus metrics", answer=Answer(media=("text/plain",)), database=False)
+    @operation("Prometheus metrics", answer=Answer(media=("text/plain",)), database=False, security="adminToken")
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class Operation:
     answers: tuple[Answer, ...] = (Answer(),)
     errors: tuple[Failure, ...] = ()
     database: bool = True  # it reads the database, so an outage answers 503 with Retry-After
+    # For a handler that checks credentials itself ("adminToken" or "customerKey"); routes of the admin sub-app
+    # and `requires_key` handlers need not say it.
+    security: str | None = None
 
 
 _ATTRIBUTE = "__meterline_operation__"
@@ -113,7 +117,8 @@ _ATTRIBUTE = "__meterline_operation__"
 def operation(summary: str, *, body: Body | type[BaseModel] | None = None, query: tuple[Param, ...] = (),
               headers: tuple[Param, ...] = (), path: tuple[Param, ...] = (),
               answer: Answer | type[BaseModel] | tuple[Answer, ...] | None = None,
-              errors: tuple[Failure, ...] = (), database: bool = True) -> Callable[[H], H]:
+              errors: tuple[Failure, ...] = (), database: bool = True,
+              security: str | None = None) -> Callable[[H], H]:
     """Declare a handler's contract. The handler is returned unchanged (the declaration rides on it, and on any
     wrapper functools.wraps makes of it, so it works above or below `requires_key`)."""
     declared = Operation(
@@ -122,7 +127,7 @@ def operation(summary: str, *, body: Body | type[BaseModel] | None = None, query
         query=query, headers=headers, path=path,
         answers=(Answer(answer),) if isinstance(answer, type) else (answer,) if isinstance(answer, Answer)
         else answer or (Answer(),),
-        errors=errors, database=database,
+        errors=errors, database=database, security=security,
     )
 
     def attach(handler: H) -> H:

@@ -67,7 +67,9 @@ def _walk(app: web.Application, *, admin: bool) -> Iterator[Route]:
             if route.method == "HEAD" or resource.canonical is None:
                 continue
             handler = route.handler
-            security = "adminToken" if admin else "customerKey" if needs_key(handler) else None
+            declared = contract.declared(handler)
+            security = ("adminToken" if admin else "customerKey" if needs_key(handler)
+                        else declared.security if declared is not None else None)
             yield Route(route.method, resource.canonical, handler, security)
 
 

@@ -165,9 +165,10 @@ async def test_every_operation_holds_to_the_document_under_generated_input(
     async with running(app, handler_cancellation=False) as base:
         known = await _known_ids(base, pool, account_id, secret)
         answered, failures = await asyncio.to_thread(_fuzz, base, secret, known)
+        document = (await asyncio.to_thread(requests.get, f"{base}/openapi.json", timeout=30)).json()
     assert failures == [], "\n\n".join(failures)
     # Every operation was called, and each reached past validation at least once (a 2xx), bar the few named above.
-    assert len(answered) == 76
+    assert len(answered) == sum(len(item) for item in document["paths"].values()) >= 76
     assert all(statuses for statuses in answered.values())
     never_succeeded = {label for label, statuses in answered.items() if not any(200 <= s < 300 for s in statuses)}
     assert never_succeeded <= MAY_NEVER_SUCCEED, {label: dict(answered[label]) for label in never_succeeded}
