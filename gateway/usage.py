@@ -33,7 +33,6 @@ _REQUESTS_QUERY: tuple[Param, ...] = (_CREATED_AFTER, _CREATED_BEFORE, _MODEL, _
                                       _SUMMARY)
 
 
-
 def render_record(row: dict[str, Any]) -> dict[str, Any]:
     """Lumenfall's request record, with the exact cost as integer micros and as a USD decimal string."""
     return {
