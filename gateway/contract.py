@@ -41,7 +41,7 @@ class Failure:
 
 
 # The errors routes declare (the shared ones are added by gateway.openapi). Codes are gateway.errors' and the
-# handlers'; tests/test_openapi.py runs schemathesis against a live server to prove no other status is answered.
+# handlers'; tests/test_contract_fuzz.py runs schemathesis against a live server to find any other status.
 INVALID = Failure(400, "INVALID_REQUEST", "The request is malformed; `param` names the field")
 UNAUTHENTICATED = Failure(401, "AUTHENTICATION_FAILED", "The credentials are missing, unknown or revoked")
 INSUFFICIENT_BALANCE = Failure(402, "INSUFFICIENT_BALANCE", "The available balance cannot cover the call's hold; "

@@ -1,6 +1,7 @@
 """Query parameters and request headers as values: each one reads itself from a request (a clear 400 naming it
 when it is bad) and describes itself as an OpenAPI parameter, so what a handler reads and what the document says
-it reads are one definition (gateway.contract).
+it reads are one definition (gateway.contract). Timestamps are parsed here (`parse_time`), for the API and the
+console alike.
 """
 
 from __future__ import annotations

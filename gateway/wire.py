@@ -1,7 +1,7 @@
 """The published shapes of the JSON answers, as pydantic models for the OpenAPI document (gateway.contract).
 
 They state the fields a client may rely on (present, of this type) and allow more: the answers are rendered by
-their handlers, and tests/test_openapi.py checks every answer a live server gives against these shapes, so a
+their handlers, and tests/test_contract_fuzz.py checks the answers a live server gives against these shapes, so a
 renamed or retyped field fails there. Timestamps are ISO-8601 UTC strings unless the API Meterline imitates uses
 Unix seconds (OpenAI's `created`, the video object). Amounts are integer micros; `*_usd` and `cost` beside them
 are exact decimal strings, except where OpenRouter or Lumenfall define a JSON number.
