@@ -10,18 +10,30 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
-from gateway import conversations_api, webhooks_api
+from gateway import conversations_api, webhooks_api, wire
 from gateway.auth import admin_middleware
-from gateway.bodies import header, query_int, read_model
+from gateway.bodies import header, read_model
+from gateway.contract import IDEMPOTENCY_CONFLICT, INSUFFICIENT_BALANCE, NOT_FOUND, Answer, Body, operation
 from gateway.errors import invalid
 from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
 from gateway.metrics import METRICS
+from gateway.params import CURSOR, HeaderParam, TextParam, limit
 from gateway.render import json_response
 
 routes = web.RouteTableDef()
 # A ledger page's cursor is a transfer id: ASCII digits within bigint (str.isdigit would pass "²").
 _LEDGER_CURSOR = re.compile(r"[0-9]{1,18}")
+_ACCOUNTS_LIMIT = limit(20, 100)
+_LEDGER_LIMIT = limit(50, 500)
+_LEDGER_PAGE = TextParam("cursor", "next_cursor of the previous page (a transfer id)",
+                         pattern=f"^{_LEDGER_CURSOR.pattern}$")
+# Money movements require one: a retry with the same key and body answers the first posting.
+_IDEMPOTENCY_KEY = HeaderParam("Idempotency-Key", "Required: a retry with the same key and body answers the first "
+                               "posting (with Idempotent-Replayed: true) instead of posting again", required=True,
+                               where="header")
+_POSTED = Answer(wire.Posting, status=201, headers={"Idempotent-Replayed": "true when this answers an earlier "
+                                                                          "request with the same key"})
 
 def _no_nul(value: str) -> str:
     if "\x00" in value:
@@ -70,8 +82,15 @@ class CreateKey(KeyLimits):
 
 
 class Amount(_Body):
+    # The schema says what _one_amount checks: one of the two, given and not null.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in ("amount_micros", "amount_usd")]})
+
     amount_micros: Micros | None = None
-    amount_usd: StrictStr | None = None
+    # Parsed by billing.money.usd_to_micros (any exact decimal string); the schema shows the plain spelling.
+    amount_usd: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$",
+                                                              "examples": ["12.50"]})] | None = None
 
     @model_validator(mode="after")
     def _one_amount(self) -> Amount:
@@ -127,6 +146,7 @@ def page(data: list[dict[str, Any]], *, limit: int, cursor: str | None) -> dict[
             "next_cursor": cursor if has_more else None}
 
 
+@operation("Create an account", body=CreateAccount, answer=Answer(wire.Account, status=201))
 @routes.post("/accounts")
 async def create_account(request: web.Request) -> web.Response:
     body = await read_model(request, CreateAccount)
@@ -134,22 +154,25 @@ async def create_account(request: web.Request) -> web.Response:
     return json_response(render_account(row), status=201)
 
 
+@operation("List accounts, oldest first", query=(_ACCOUNTS_LIMIT, CURSOR), answer=wire.AccountList)
 @routes.get("/accounts")
 async def list_accounts(request: web.Request) -> web.Response:
-    limit = query_int(request, "limit", default=20, low=1, high=100)
+    limit = _ACCOUNTS_LIMIT.read(request)
     rows = await accounts.list_accounts(
-        request.config_dict[POOL], limit=limit + 1, after=request.query.get("cursor") or None
+        request.config_dict[POOL], limit=limit + 1, after=CURSOR.read(request)
     )
     data = [render_account(r) for r in rows]
     return json_response(page(data, limit=limit, cursor=data[limit - 1]["id"] if len(data) > limit else None))
 
 
+@operation("One account", answer=wire.Account, errors=(NOT_FOUND,))
 @routes.get("/accounts/{account_id}")
 async def get_account(request: web.Request) -> web.Response:
     row = await accounts.get_account(request.config_dict[POOL], request.match_info["account_id"])
     return json_response(render_account(row))
 
 
+@operation("Change an account's settings", body=AccountSettings, answer=wire.Account, errors=(NOT_FOUND,))
 @routes.patch("/accounts/{account_id}")
 async def update_account(request: web.Request) -> web.Response:
     """`{"low_balance_threshold_micros": n | null}`: a charge that takes the available balance below it sends a
@@ -160,6 +183,8 @@ async def update_account(request: web.Request) -> web.Response:
     return json_response(render_account(row))
 
 
+@operation("Create a key for an account (its secret is shown this once)",
+           body=Body(CreateKey, required=False), answer=Answer(wire.NewApiKey, status=201), errors=(NOT_FOUND,))
 @routes.post("/accounts/{account_id}/keys")
 async def create_key(request: web.Request) -> web.Response:
     body = await read_model(request, CreateKey) if request.can_read_body else CreateKey()
@@ -169,6 +194,7 @@ async def create_key(request: web.Request) -> web.Response:
     return json_response({**render_key(row), "key": secret}, status=201)
 
 
+@operation("Change a key's limits and Detailed Logging", body=KeySettings, answer=wire.ApiKey, errors=(NOT_FOUND,))
 @routes.patch("/keys/{key_id}")
 async def update_key(request: web.Request) -> web.Response:
     body = await read_model(request, KeySettings)
@@ -179,12 +205,14 @@ async def update_key(request: web.Request) -> web.Response:
     return json_response(render_key(row))
 
 
+@operation("An account's keys", answer=wire.ApiKeyList, errors=(NOT_FOUND,))
 @routes.get("/accounts/{account_id}/keys")
 async def list_keys(request: web.Request) -> web.Response:
     rows = await keys.list_keys(request.config_dict[POOL], request.match_info["account_id"])
     return json_response({"object": "list", "data": [render_key(r) for r in rows], "has_more": False})
 
 
+@operation("Revoke a key (at once, in every process)", answer=wire.ApiKey, errors=(NOT_FOUND,))
 @routes.delete("/keys/{key_id}")
 async def revoke_key(request: web.Request) -> web.Response:
     row = await keys.revoke_key(request.config_dict[POOL], request.match_info["key_id"])
@@ -219,6 +247,8 @@ async def _post(request: web.Request, *, kind: str, amount: int, description: st
     return json_response({"object": kind, **result}, status=201, headers=headers)
 
 
+@operation("Top up an account", body=Topup, headers=(_IDEMPOTENCY_KEY,), answer=_POSTED,
+           errors=(NOT_FOUND, IDEMPOTENCY_CONFLICT))
 @routes.post("/accounts/{account_id}/topups")
 async def topup(request: web.Request) -> web.Response:
     body = await read_model(request, Topup)
@@ -228,6 +258,8 @@ async def topup(request: web.Request) -> web.Response:
     return await _post(request, kind="topup", amount=amount, description=body.description)
 
 
+@operation("Correct an account's balance, up or down, with a reason", body=Adjustment, headers=(_IDEMPOTENCY_KEY,),
+           answer=_POSTED, errors=(NOT_FOUND, INSUFFICIENT_BALANCE, IDEMPOTENCY_CONFLICT))
 @routes.post("/accounts/{account_id}/adjustments")
 async def adjustment(request: web.Request) -> web.Response:
     body = await read_model(request, Adjustment)
@@ -237,10 +269,12 @@ async def adjustment(request: web.Request) -> web.Response:
     return await _post(request, kind="adjustment", amount=amount, description=body.reason)
 
 
+@operation("An account's ledger, newest first", query=(_LEDGER_LIMIT, _LEDGER_PAGE), answer=wire.LedgerPage,
+           errors=(NOT_FOUND,))
 @routes.get("/accounts/{account_id}/ledger")
 async def account_ledger(request: web.Request) -> web.Response:
-    limit = query_int(request, "limit", default=50, low=1, high=500)
-    cursor = request.query.get("cursor") or None
+    limit = _LEDGER_LIMIT.read(request)
+    cursor = _LEDGER_PAGE.read(request)
     if cursor is not None and not _LEDGER_CURSOR.fullmatch(cursor):
         raise invalid("cursor must be a next_cursor value from a previous page", "cursor")
     rows = await accounts.ledger_entries(

@@ -32,8 +32,11 @@ from gateway import (
     videos,
     webhook_worker,
     webhooks_api,
+    wire,
 )
+from gateway import openapi as openapi_document
 from gateway.breaker import Breakers
+from gateway.contract import Answer, operation
 from gateway.errors import error_middleware
 from gateway.failover import BREAKERS
 from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
@@ -103,10 +106,15 @@ async def http_client_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+@operation("Liveness: the process answers", answer=wire.Health, database=False)
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@operation("Readiness: the database answers (the catalog's state is reported, not required)",
+           answer=(Answer(wire.Readiness, description="Ready"),
+                   Answer(wire.Readiness, status=503, description="The database is not answering")),
+           database=False)
 async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
@@ -141,6 +149,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics.metrics_with_token)
+    openapi_document.add_routes(app)
     consumer.add_routes(app)
     chat.add_routes(app)
     conversations_api.add_routes(app)

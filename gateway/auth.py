@@ -88,6 +88,9 @@ async def stamp_response(request: web.Request, response: web.StreamResponse) -> 
         response.headers.update(headers)
 
 
+_KEYED: set[Handler] = set()
+
+
 def requires_key(handler: Handler) -> Handler:
     """Consumer handlers: authenticate the customer key first; the handler reads it from request[API_KEY]."""
 
@@ -96,7 +99,13 @@ def requires_key(handler: Handler) -> Handler:
         await authenticate(request)
         return await handler(request)
 
+    _KEYED.add(wrapper)
     return wrapper
+
+
+def needs_key(handler: object) -> bool:
+    """Whether `handler` authenticates a customer key (`requires_key`): the OpenAPI document's security."""
+    return handler in _KEYED
 
 
 def check_admin(request: web.Request) -> None:

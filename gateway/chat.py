@@ -19,15 +19,16 @@ from aiohttp import web
 
 from billing import pricing, text, tokens
 from billing.catalog import CatalogEntry
+from billing.catalog_config import TextModelConfig
 from billing.conversations import Context
 from billing.holds import Hold
 from billing.records import Outcome, RequestRecord
 from billing.text import HoldRules, TextQuote
-from gateway import access, chat_state, models_api, upstream
+from gateway import access, chat_state, models_api, upstream, wire
 from gateway.auth import requires_key
-from gateway.bodies import dry_run, read_json_object
+from gateway.bodies import read_json_object
 from gateway.chat_answer import AnswerEdits
-from gateway.chat_request import ChatRequest, parse_chat, upstream_body
+from gateway.chat_request import ChatRequest, body_schema, parse_chat, upstream_body
 from gateway.chat_stream import StreamRelay
 from gateway.chat_usage import (
     choice_texts,
@@ -38,10 +39,12 @@ from gateway.chat_usage import (
     usage_outcome,
 )
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import CONVERSATION_NOT_FOUND, PROVIDER_HEADERS, UPSTREAM_CALL, Answer, Body, operation
 from gateway.errors import REQUEST_ID, ApiError, client_request_id
 from gateway.failover import Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS, TASKS
 from gateway.models_api import resolve_model
+from gateway.params import DRY_RUN
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.settings import Settings
@@ -58,11 +61,22 @@ def hold_rules(settings: Settings) -> HoldRules:
                      overhead_with_tools=settings.prompt_overhead_with_tools)
 
 
+@operation(
+    "Create a chat completion, billed from its usage (streamed as server-sent events with `stream`)",
+    body=Body(lambda settings: body_schema(max_choices=settings.max_choices, models=[
+        model for model, entry in settings.models.items() if isinstance(entry, TextModelConfig)])),
+    query=(DRY_RUN,),
+    answer=Answer((wire.ChatCompletion, wire.Estimate), media=("application/json", "text/event-stream"),
+                  headers={"X-Cost-Micros": "The charge, in micros (not on a stream or a dryRun)",
+                           REDUCED_HEADER: "The output limit the balance could cover, when lower than asked",
+                           **PROVIDER_HEADERS},
+                  description="The completion (or, with dryRun, the hold it would take)"),
+    errors=(*UPSTREAM_CALL, CONVERSATION_NOT_FOUND))
 @requires_key
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
-    is_dry_run = dry_run(request.query)
+    is_dry_run = DRY_RUN.read(request)
     chat = parse_chat(await read_json_object(request), max_choices=settings.max_choices)
     key = request[API_KEY]
     entry = await resolve_model(app, chat.model, modality="text")

@@ -12,6 +12,9 @@ Each top-level field is one of:
   `plugins`, `web_search_options`, audio output, a `service_tier` other than auto/default), and any field it does
   not know, as OpenAI refuses an unrecognised argument.
 
+Every field's check is a `Rule`, which also carries the JSON Schema that check enforces: the OpenAPI document's
+request body is built from these same tables (`body_schema`), so the two cannot disagree.
+
 Exactly one output limit reaches the upstream, always: the per-choice allowance the hold covers, under the name
 the model wants (else the client's own choice of `max_tokens` or `max_completion_tokens`). When the client gives
 both, the smaller is what it asked for; the other is not sent.
@@ -44,6 +47,14 @@ REFUSED = {
     "web_search_options": "web search adds input and fees Meterline cannot price before the call",
     "audio": "audio output is not priced",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A field's check (raises a 400 naming it) and the JSON Schema of the values it accepts."""
+
+    check: Callable[[str, Any], None]
+    schema: dict[str, Any]
 
 
 def _number(name: str, value: Any) -> None:
@@ -114,25 +125,37 @@ def _choice(name: str, value: Any) -> None:
         raise invalid(f"{name} must be a string or an object", name)
 
 
-# Fields forwarded as sent, with the check each must pass. Those marked priced in the module docstring carry the
+_INT64 = {"minimum": -(2**63), "maximum": 2**63 - 1}  # gateway.bodies refuses any integer beyond 64 bits
+NUMBER = Rule(_number, {"type": "number"})
+INTEGER = Rule(_integer, {"type": "integer", **_INT64})
+BOOLEAN = Rule(_boolean, {"type": "boolean"})
+STRING = Rule(_string, {"type": "string"})
+OBJECT = Rule(_object, {"type": "object"})
+ARRAY = Rule(_array, {"type": "array"})
+STRINGS = Rule(_strings, {"type": "array", "items": {"type": "string"}})
+CHOICE = Rule(_choice, {"type": ["string", "object"]})
+
+# Fields forwarded as sent, with the rule each must pass. Those marked priced in the module docstring carry the
 # text the upstream bills beyond the messages; every one of them is counted into the prompt.
-_FORWARDED: dict[str, Callable[[str, Any], None]] = {
+_FORWARDED: dict[str, Rule] = {
     # input the upstream bills: tool and function definitions, JSON schemas, predicted output
-    "tools": _array, "functions": _array, "tool_choice": _choice, "function_call": _choice,
-    "response_format": _object, "prediction": _object,
+    "tools": ARRAY, "functions": ARRAY, "tool_choice": CHOICE, "function_call": CHOICE,
+    "response_format": OBJECT, "prediction": OBJECT,
     # sampling and output shape
-    "temperature": _number, "top_p": _number, "top_k": _number, "min_p": _number, "top_a": _number,
-    "frequency_penalty": _number, "presence_penalty": _number, "repetition_penalty": _number, "seed": _integer,
-    "stop": _stop, "logit_bias": _object, "logprobs": _boolean, "top_logprobs": _integer,
-    "parallel_tool_calls": _boolean, "reasoning_effort": _effort, "verbosity": _string, "reasoning": _reasoning,
-    "modalities": _modalities, "service_tier": _tier,
+    "temperature": NUMBER, "top_p": NUMBER, "top_k": NUMBER, "min_p": NUMBER, "top_a": NUMBER,
+    "frequency_penalty": NUMBER, "presence_penalty": NUMBER, "repetition_penalty": NUMBER, "seed": INTEGER,
+    "stop": Rule(_stop, {"anyOf": [STRING.schema, STRINGS.schema]}), "logit_bias": OBJECT, "logprobs": BOOLEAN,
+    "top_logprobs": INTEGER, "parallel_tool_calls": BOOLEAN,
+    "reasoning_effort": Rule(_effort, {"type": "string", "enum": list(EFFORTS)}), "verbosity": STRING,
+    "reasoning": Rule(_reasoning, {"type": "object", "properties": {"max_tokens": INTEGER.schema}}),
+    "modalities": Rule(_modalities, {"const": ["text"]}),
+    "service_tier": Rule(_tier, {"type": "string", "enum": ["auto", "default"]}),
     # bookkeeping and routing that do not change the price a call is charged at
-    "metadata": _object, "store": _boolean, "prompt_cache_key": _string, "safety_identifier": _string,
-    "provider": _object, "transforms": _strings, "usage": _object,
+    "metadata": OBJECT, "store": BOOLEAN, "prompt_cache_key": STRING, "safety_identifier": STRING,
+    "provider": OBJECT, "transforms": STRINGS, "usage": OBJECT,
 }
 # Meterline's own fields (lumyx's stateful chat): consumed here, never forwarded.
 STATEFUL = ("conversation_id", "memory")
-_OWN = frozenset({"model", "messages", "stream", "stream_options", "n", "user", *OUTPUT_LIMITS, *STATEFUL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,20 +178,33 @@ class ChatRequest:
         return dataclasses.replace(self, messages=messages, prompt=tokens.Prompt.of(messages, self.forwarded or None))
 
 
-def _positive(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
+def _positive(name: str, value: Any) -> None:
     _integer(name, value)
     if value <= 0:
         raise invalid(f"{name} must be greater than 0", name)
-    return int(value)
 
 
-def _messages(body: dict[str, Any]) -> list[Any]:
-    messages = body.get("messages")
-    if messages is None:
-        raise invalid("messages is required", "messages")
+def _model(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(f"{name} must be a non-empty string", name)
+
+
+def _user(name: str, value: Any) -> None:
+    _string(name, value)
+    if len(value) > MAX_USER_CHARS:
+        raise invalid(f"{name} must be at most {MAX_USER_CHARS} characters", name)
+
+
+def _conversation_id(name: str, value: Any) -> None:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        uuid.UUID(value)
+    except ValueError:
+        raise invalid(f"{name} must be the UUID of a stored conversation", name) from None
+
+
+def _messages(name: str, messages: Any) -> None:
     if not isinstance(messages, list):
         raise invalid("messages must be an array of message objects", "messages")
     if not messages:
@@ -194,20 +230,67 @@ def _messages(body: dict[str, Any]) -> list[Any]:
                     at = f"{where}.content.{number}.type"
                     raise invalid(f"{at} must be one of {', '.join(sorted(PART_TYPES))}: other content (audio, "
                                   f"files) is not priced", at)
-    return messages
 
 
-def _stream_options(body: dict[str, Any], stream: bool) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    _object("stream_options", options)
+_STREAM_OPTIONS = ("include_usage", "include_obfuscation")
+
+
+def _stream_options(where: str, options: Any) -> None:
+    _object(where, options)
     for name, value in options.items():
-        if name not in ("include_usage", "include_obfuscation"):
-            raise invalid(f"Unrecognized request argument supplied: stream_options.{name}",
-                          f"stream_options.{name}")
-        _boolean(f"stream_options.{name}", value)
-    return bool(options.get("include_usage", False))
+        if name not in _STREAM_OPTIONS:
+            raise invalid(f"Unrecognized request argument supplied: {where}.{name}", f"{where}.{name}")
+        _boolean(f"{where}.{name}", value)
+
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "enum": sorted(ROLES)},
+        "content": {"anyOf": [
+            {"type": "string"}, {"type": "null"},
+            {"type": "array", "items": {"type": "object", "required": ["type"],
+                                        "properties": {"type": {"type": "string", "enum": sorted(PART_TYPES)}}}},
+        ]},
+    },
+    "not": {"required": ["audio"]},  # audio input is not priced
+}
+# The forms uuid.UUID reads (hyphens, braces and a urn: prefix optional).
+_UUID = r"^(?:urn:uuid:)?\{?[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\}?$"
+_POSITIVE = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+# Meterline's own fields: `model` and `messages` are required; the rest may be left out or null.
+_OWN: dict[str, Rule] = {
+    "model": Rule(_model, {"type": "string", "pattern": r"\S"}),
+    "messages": Rule(_messages, {"type": "array", "minItems": 1, "items": _MESSAGE}),
+    "stream": BOOLEAN,
+    "stream_options": Rule(_stream_options, {
+        "type": "object", "additionalProperties": False,
+        "properties": {name: BOOLEAN.schema for name in _STREAM_OPTIONS}}),
+    "n": Rule(_positive, _POSITIVE),
+    "user": Rule(_user, {"type": "string", "maxLength": MAX_USER_CHARS}),
+    **{name: Rule(_positive, _POSITIVE) for name in OUTPUT_LIMITS},
+    "conversation_id": Rule(_conversation_id, {"type": "string", "format": "uuid", "pattern": _UUID}),
+    "memory": BOOLEAN,
+}
+_REQUIRED = ("model", "messages")
+
+
+def body_schema(*, max_choices: int, models: list[str]) -> dict[str, Any]:
+    """The JSON Schema of a chat completion request, from the rules `parse_chat` checks with: every known field,
+    nothing else (a refused cost driver or an unknown field is a 400). `models` are shown as examples (any model
+    of the catalog may be asked for)."""
+    properties: dict[str, Any] = {}
+    for name, rule in {**_OWN, **_FORWARDED}.items():
+        schema = rule.schema
+        if name == "n":
+            schema = {**schema, "maximum": max_choices}
+        elif name == "model" and models:
+            schema = {**schema, "examples": models}
+        properties[name] = schema if name in _REQUIRED else {"anyOf": [schema, {"type": "null"}]}
+    refused = "; ".join(f"{name}: {why}" for name, why in REFUSED.items())
+    return {"type": "object", "required": list(_REQUIRED), "properties": properties, "additionalProperties": False,
+            "description": f"OpenAI's chat completion request. Refused with a 400: {refused}."}
 
 
 def _effort_as_reasoning(forwarded: dict[str, Any]) -> None:
@@ -222,64 +305,43 @@ def _effort_as_reasoning(forwarded: dict[str, Any]) -> None:
 def parse_chat(body: dict[str, Any], *, max_choices: int) -> ChatRequest:
     """Validate `body`; raises a 400 ApiError naming the first bad field."""
     forwarded: dict[str, Any] = {}
+    own: dict[str, Any] = {}
     for name, value in body.items():
-        if name in _OWN:
-            continue
         if name in REFUSED:
             raise invalid(f"{name} is not supported: {REFUSED[name]}", name)
-        check = _FORWARDED.get(name)
-        if check is None:
-            raise invalid(f"Unrecognized request argument supplied: {name}", name)
+        rule = _OWN.get(name)
+        if rule is None:
+            rule = _FORWARDED.get(name)
+            if rule is None:
+                raise invalid(f"Unrecognized request argument supplied: {name}", name)
         if value is not None:
-            check(name, value)
-            forwarded[name] = value
+            rule.check(name, value)
+            (own if name in _OWN else forwarded)[name] = value
     _effort_as_reasoning(forwarded)
-    model = body.get("model")
-    if model is None:
-        raise invalid("model is required", "model")
-    if not isinstance(model, str) or not model.strip():
-        raise invalid("model must be a non-empty string", "model")
-    messages = _messages(body)
-    stream = body.get("stream")
-    if stream is None:
-        stream = False
-    _boolean("stream", stream)
-    include_usage = _stream_options(body, stream)
-    limits = {name: value for name in OUTPUT_LIMITS if (value := _positive(body, name)) is not None}
+    for name in _REQUIRED:
+        if name not in own:
+            raise invalid(f"{name} is required", name)
+    model: str = own["model"]
+    messages: list[Any] = own["messages"]
+    stream: bool = own.get("stream", False)
+    include_usage = bool(own.get("stream_options", {}).get("include_usage", False))
+    limits: dict[str, int] = {name: own[name] for name in OUTPUT_LIMITS if name in own}
     limit_field = min(limits, key=limits.__getitem__) if limits else None
-    n = _positive(body, "n") or 1
+    n: int = own.get("n", 1)
     if n > max_choices:
         raise invalid(f"n must be at most {max_choices}", "n")
-    user = body.get("user")
+    user: str | None = own.get("user")
     if user is not None:
-        _string("user", user)
-        if len(user) > MAX_USER_CHARS:
-            raise invalid(f"user must be at most {MAX_USER_CHARS} characters", "user")
         forwarded["user"] = user
-    conversation_id, memory = _stateful(body)
+    raw_id = own.get("conversation_id")
+    conversation_id = uuid.UUID(raw_id) if raw_id is not None else None
+    memory: bool = own.get("memory", False)
     return ChatRequest(
         model=model.strip(), messages=messages, stream=stream, include_usage=include_usage,
         max_output_tokens=limits[limit_field] if limit_field else None, limit_field=limit_field, n=n, user=user,
         forwarded=forwarded, prompt=tokens.Prompt.of(messages, forwarded or None),
         conversation_id=conversation_id, memory=memory,
     )
-
-
-def _stateful(body: dict[str, Any]) -> tuple[uuid.UUID | None, bool]:
-    raw = body.get("conversation_id")
-    conversation_id = None
-    if raw is not None:
-        try:
-            if not isinstance(raw, str):
-                raise ValueError(raw)
-            conversation_id = uuid.UUID(raw)
-        except ValueError:
-            raise invalid("conversation_id must be the UUID of a stored conversation", "conversation_id") from None
-    memory = body.get("memory")
-    if memory is None:
-        memory = False
-    _boolean("memory", memory)
-    return conversation_id, memory
 
 
 def upstream_body(chat: ChatRequest, *, model_id: str, output_tokens: int,

@@ -5,13 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from billing import accounts
+from gateway import wire
 from gateway.auth import requires_key
+from gateway.contract import operation
 from gateway.keys import API_KEY, POOL
 from gateway.render import json_response, usd_number
 
 CONSUMER_PREFIXES = ("/v1", "/openai/v1")
 
 
+@operation("The account's balance: available (balance less holds), balance and held", answer=wire.Balance)
 @requires_key
 async def balance(request: web.Request) -> web.Response:
     row = await accounts.get_account(request.app[POOL], request[API_KEY].account_id)

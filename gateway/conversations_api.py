@@ -17,13 +17,19 @@ from aiohttp import web
 from billing import conversation_store, conversations
 from billing.conversation_store import InvalidCursor, MemoryNotFound, Page
 from billing.conversations import ConversationNotFound
+from gateway import wire
 from gateway.auth import requires_key
-from gateway.bodies import query_int
 from gateway.chat_state import conversation_not_found
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import CONVERSATION_NOT_FOUND, MEMORY_NOT_FOUND, operation
 from gateway.errors import ApiError, invalid
 from gateway.keys import API_KEY, POOL
+from gateway.params import CURSOR, Param, TextParam, limit
 from gateway.render import json_response
+
+_LIMIT = limit(20, 100)
+_PAGE: tuple[Param, ...] = (_LIMIT, CURSOR)
+_OWNER = (TextParam("account_id", "Only this account's"), TextParam("key_id", "Only this key's"))
 
 
 def render_conversation(row: dict[str, Any]) -> dict[str, Any]:
@@ -61,10 +67,9 @@ def _page(page: Page, render: Any) -> dict[str, Any]:
 
 async def _listed(request: web.Request, lister: Any, render: Any, *, account_id: str | None,
                   key_id: str | None) -> web.Response:
-    limit = query_int(request, "limit", default=20, low=1, high=100)
     try:
-        page = await lister(request.config_dict[POOL], account_id=account_id, key_id=key_id, limit=limit,
-                            cursor=request.query.get("cursor") or None)
+        page = await lister(request.config_dict[POOL], account_id=account_id, key_id=key_id,
+                            limit=_LIMIT.read(request), cursor=CURSOR.read(request))
     except InvalidCursor as exc:
         raise invalid(str(exc), "cursor") from None
     return json_response(_page(page, render))
@@ -102,6 +107,7 @@ async def _delete_memory(request: web.Request, *, account_id: str | None, key_id
 
 # The calling key's own.
 
+@operation("This key's stored conversations, newest first", query=_PAGE, answer=wire.ConversationList)
 @requires_key
 async def list_conversations(request: web.Request) -> web.Response:
     key = request[API_KEY]
@@ -109,18 +115,23 @@ async def list_conversations(request: web.Request) -> web.Response:
                          account_id=key.account_id, key_id=key.id)
 
 
+@operation("One stored conversation with its messages", answer=wire.ConversationWithMessages,
+           errors=(CONVERSATION_NOT_FOUND,))
 @requires_key
 async def get_conversation(request: web.Request) -> web.Response:
     key = request[API_KEY]
     return await _conversation(request, account_id=key.account_id, key_id=key.id)
 
 
+@operation("Delete a conversation, its turns and its memories", answer=wire.Deleted,
+           errors=(CONVERSATION_NOT_FOUND,))
 @requires_key
 async def delete_conversation(request: web.Request) -> web.Response:
     key = request[API_KEY]
     return await _delete_conversation(request, account_id=key.account_id, key_id=key.id)
 
 
+@operation("This key's memories, newest first", query=_PAGE, answer=wire.MemoryList)
 @requires_key
 async def list_memories(request: web.Request) -> web.Response:
     key = request[API_KEY]
@@ -128,12 +139,14 @@ async def list_memories(request: web.Request) -> web.Response:
                          account_id=key.account_id, key_id=key.id)
 
 
+@operation("Delete one memory", answer=wire.Deleted, errors=(MEMORY_NOT_FOUND,))
 @requires_key
 async def delete_memory(request: web.Request) -> web.Response:
     key = request[API_KEY]
     return await _delete_memory(request, account_id=key.account_id, key_id=key.id)
 
 
+@operation("Delete every memory of this key", answer=wire.Deleted)
 @requires_key
 async def delete_memories(request: web.Request) -> web.Response:
     key = request[API_KEY]
@@ -157,29 +170,37 @@ admin_routes = web.RouteTableDef()
 
 
 def _owner_filter(request: web.Request) -> dict[str, str | None]:
-    return {name: request.query.get(name) or None for name in ("account_id", "key_id")}
+    return {param.name: param.read(request) for param in _OWNER}
 
 
+@operation("Every account's stored conversations, newest first", query=(*_PAGE, *_OWNER),
+           answer=wire.ConversationList)
 @admin_routes.get("/conversations")
 async def admin_list_conversations(request: web.Request) -> web.Response:
     return await _listed(request, conversation_store.list_conversations, render_conversation, **_owner_filter(request))
 
 
+@operation("One stored conversation with its messages", answer=wire.ConversationWithMessages,
+           errors=(CONVERSATION_NOT_FOUND,))
 @admin_routes.get("/conversations/{conversation_id}")
 async def admin_get_conversation(request: web.Request) -> web.Response:
     return await _conversation(request, account_id=None, key_id=None)
 
 
+@operation("Delete a conversation, its turns and its memories", answer=wire.Deleted,
+           errors=(CONVERSATION_NOT_FOUND,))
 @admin_routes.delete("/conversations/{conversation_id}")
 async def admin_delete_conversation(request: web.Request) -> web.Response:
     return await _delete_conversation(request, account_id=None, key_id=None)
 
 
+@operation("Every account's memories, newest first", query=(*_PAGE, *_OWNER), answer=wire.MemoryList)
 @admin_routes.get("/memories")
 async def admin_list_memories(request: web.Request) -> web.Response:
     return await _listed(request, conversation_store.list_memories, render_memory, **_owner_filter(request))
 
 
+@operation("Delete one memory", answer=wire.Deleted, errors=(MEMORY_NOT_FOUND,))
 @admin_routes.delete("/memories/{memory_id}")
 async def admin_delete_memory(request: web.Request) -> web.Response:
     return await _delete_memory(request, account_id=None, key_id=None)

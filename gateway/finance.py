@@ -13,37 +13,42 @@ from aiohttp import web
 
 from billing import accounts, exports, reports, statements
 from billing.money import format_usd
-from gateway.bodies import query_int
+from gateway import wire
+from gateway.contract import NOT_FOUND, Answer, operation
 from gateway.errors import invalid
 from gateway.keys import POOL
+from gateway.params import ChoiceParam, Param, TextParam, TimeParam, limit
 from gateway.render import iso, json_response
-from gateway.usage import query_time
 
 routes = web.RouteTableDef()
 
 _CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
+_FROM = TimeParam("from", "Start of the period (inclusive), ISO-8601; no zone means UTC", required=True)
+_TO = TimeParam("to", "End of the period (exclusive), after `from`", required=True)
+_PERIOD: tuple[Param, ...] = (_FROM, _TO)
+_STATEMENT_FORMAT = ChoiceParam("format", "json or csv", choices=("json", "csv"), default="json")
+_EXPORT_FORMAT = ChoiceParam("format", "csv or jsonl", choices=exports.FORMATS, default="csv")
+_EXPORT_ACCOUNT = TextParam("account", "Only this account's rows")
+_GROUP_BY = ChoiceParam("group_by", "What the margin is grouped by", choices=tuple(reports.GROUPS), default="model")
+_FLAGS_LIMIT = limit(100, 1000)
+_EXPORT_KIND = ChoiceParam("kind", "What is exported", choices=exports.KINDS, default="ledger", required=True,
+                           where="path")
 
 
 def _period(request: web.Request) -> tuple[datetime, datetime]:
-    start = query_time(request, "from", required=True)
-    end = query_time(request, "to", required=True)
-    assert start is not None and end is not None
+    start, end = _FROM.read_required(request), _TO.read_required(request)
     if end <= start:
         raise invalid("to must be after from", "to")
     return start, end
 
 
-def _format(request: web.Request, allowed: tuple[str, ...], default: str) -> str:
-    fmt = request.query.get("format", default)
-    if fmt not in allowed:
-        raise invalid(f"format must be one of {', '.join(allowed)}", "format")
-    return fmt
-
-
+@operation("An account's statement for a period: opening and closing balance, credits, debits, holds",
+           query=(*_PERIOD, _STATEMENT_FORMAT), answer=Answer(wire.Statement, media=("application/json", "text/csv")),
+           errors=(NOT_FOUND,))
 @routes.get("/accounts/{account_id}/statement")
 async def statement(request: web.Request) -> web.StreamResponse:
     start, end = _period(request)
-    fmt = _format(request, ("json", "csv"), "json")
+    fmt = _STATEMENT_FORMAT.read(request)
     stmt = await statements.statement(
         request.config_dict[POOL], account_id=request.match_info["account_id"], start=start, end=end
     )
@@ -56,15 +61,18 @@ async def statement(request: web.Request) -> web.StreamResponse:
     return json_response(statements.render_usd(stmt))
 
 
+@operation("Export the ledger or the request records of a period, streamed",
+           query=(*_PERIOD, _EXPORT_FORMAT, _EXPORT_ACCOUNT),
+           path=(_EXPORT_KIND,), answer=Answer(media=("text/csv", "application/x-ndjson"),
+                                               description="The rows, as CSV or JSON lines"),
+           errors=(NOT_FOUND,))
 @routes.get("/exports/{kind}")
 async def export(request: web.Request) -> web.StreamResponse:
     """Streams the export batch by batch: memory stays at one batch whatever the period's size."""
-    kind = request.match_info["kind"]
-    if kind not in exports.KINDS:
-        raise invalid(f"export must be one of {', '.join(exports.KINDS)}", "kind")
+    kind = _EXPORT_KIND.read_path(request)
     start, end = _period(request)
-    fmt = _format(request, exports.FORMATS, "csv")
-    account_id = request.query.get("account") or None
+    fmt = _EXPORT_FORMAT.read(request)
+    account_id = _EXPORT_ACCOUNT.read(request)
     pool = request.config_dict[POOL]
     if account_id is not None:
         await accounts.get_account(pool, account_id)  # an unknown account is a 404, not an empty file
@@ -85,12 +93,11 @@ async def export(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@operation("Revenue, upstream cost and margin of a period", query=(*_PERIOD, _GROUP_BY), answer=wire.MarginReport)
 @routes.get("/reports/margin")
 async def margin(request: web.Request) -> web.Response:
     start, end = _period(request)
-    group_by = request.query.get("group_by", "model")
-    if group_by not in reports.GROUPS:
-        raise invalid(f"group_by must be one of {', '.join(reports.GROUPS)}", "group_by")
+    group_by = _GROUP_BY.read(request)
     rows = await reports.margin(request.config_dict[POOL], start=start, end=end, group_by=group_by)
     data = [
         {
@@ -109,10 +116,12 @@ async def margin(request: web.Request) -> web.Response:
                           "data": data, "totals": totals})
 
 
+@operation("Flagged charges of a period: estimated, overrun, settled after expiry",
+           query=(*_PERIOD, _FLAGS_LIMIT), answer=wire.FlagsReport)
 @routes.get("/reports/flags")
 async def flags(request: web.Request) -> web.Response:
     start, end = _period(request)
-    limit = query_int(request, "limit", default=100, low=1, high=1000)
+    limit = _FLAGS_LIMIT.read(request)
     counts, rows = await reports.flags(request.config_dict[POOL], start=start, end=end, limit=limit)
     return json_response({
         "object": "flags_report", "from": iso(start), "to": iso(end), "counts": counts,

@@ -22,19 +22,22 @@ from aiohttp import web
 from billing import idempotency as idem
 from billing import ledger
 from billing.catalog_config import ImageModelConfig
-from billing.media_pricing import ImageQuote, MediaPriceError, image_quote
+from billing.media_pricing import MAX_IMAGES, ImageQuote, MediaPriceError, image_quote
 from billing.records import Outcome, RequestRecord
-from gateway import access, bodies, media
+from gateway import access, media, wire
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.chat_usage import generation_id
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import IDEMPOTENCY_CONFLICT, PROVIDER_HEADERS, UPSTREAM_CALL, Answer, Body, operation
 from gateway.errors import REQUEST_ID, client_request_id, invalid
 from gateway.failover import Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.multipart import Form, multipart_body, read_form
+from gateway.params import DRY_RUN, IDEMPOTENCY_KEY
 from gateway.render import json_response, usd_number
 from gateway.routing import Route
+from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamError
 from gateway.upstream import request as upstream_request
 
@@ -50,6 +53,38 @@ _EDIT_OPTIONS = frozenset({"response_format", "user", "background", "output_form
 _PRICED = ("model", "prompt", "n", "size", "quality")
 # Send = the upstream call to one provider: it gets the provider and its upstream, returns the upstream's answer.
 Send = Callable[[Route, Upstream], Awaitable[Any]]
+
+
+def _schema(settings: Settings, options: frozenset[str], *, multipart: bool) -> dict[str, Any]:
+    """The body's schema, from the fields priced (`_PRICED`, with the sizes and qualities the configured image
+    models offer) and the route's table of options: every field the route accepts, nothing else."""
+    models = media.media_models(settings, ImageModelConfig)
+    n: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_IMAGES}
+    properties: dict[str, Any] = {
+        "model": media.one_of(list(models), nullable=False), "prompt": media.PROMPT,
+        "n": {"anyOf": [n, {"type": "null"}]},
+        "size": media.one_of([size for entry in models.values() for size in entry.sizes]),
+        "quality": media.one_of([quality for entry in models.values() for quality in entry.qualities]),
+        "stream": {"enum": [False, None]},  # streaming image generation is refused
+    }
+    for name in sorted(options):
+        option = {"type": "integer", "minimum": 0, "maximum": 100} if name == "output_compression" else {
+            "type": "string"}
+        properties[name] = {"anyOf": [option, {"type": "null"}]}
+    required = ["model", "prompt"]
+    if multipart:
+        image = {"type": "string", "format": "binary"}
+        properties.update({"image": image, "image[]": {"type": "array", "items": image}, "mask": image})
+        required.append("image")
+    return media.form_schema(properties, required)
+
+
+_IMAGES = Answer((wire.Images, wire.Estimate), headers={
+    "X-Cost-Micros": "The charge, in micros (not on a dryRun)",
+    "Idempotent-Replayed": "true when this answers an earlier request with the same Idempotency-Key",
+    **PROVIDER_HEADERS},
+    description="The images (or, with dryRun, the hold the call would take)")
+_IMAGE_ERRORS = (*UPSTREAM_CALL, IDEMPOTENCY_CONFLICT)
 
 
 def _n(value: object) -> int:
@@ -97,9 +132,12 @@ def _priced(model: str, prompt: str, quote: ImageQuote) -> dict[str, Any]:
     return {"model": model, "prompt": prompt, "n": quote.n, "size": quote.size, "quality": quote.quality}
 
 
+@operation("Generate images, billed per image returned",
+           body=Body(lambda settings: _schema(settings, _GENERATION_OPTIONS, multipart=False)),
+           query=(DRY_RUN,), headers=(IDEMPOTENCY_KEY,), answer=_IMAGES, errors=_IMAGE_ERRORS)
 @requires_key
 async def generations(request: web.Request) -> web.Response:
-    dry = bodies.dry_run(request.query)
+    dry = DRY_RUN.read(request)
     body = await read_json_object(request)
     model, entry = media.media_entry(request, body.get("model"), ImageModelConfig)
     prompt = media.required_prompt(body)
@@ -119,9 +157,13 @@ async def generations(request: web.Request) -> web.Response:
     return await _billed(request, model=model, quote=quote, routing=routing, fingerprint=fingerprint, send=send)
 
 
+@operation("Edit images (multipart upload), billed per image returned",
+           body=Body(lambda settings: _schema(settings, _EDIT_OPTIONS, multipart=True),
+                     media=("multipart/form-data",)),
+           query=(DRY_RUN,), headers=(IDEMPOTENCY_KEY,), answer=_IMAGES, errors=_IMAGE_ERRORS)
 @requires_key
 async def edits(request: web.Request) -> web.Response:
-    dry = bodies.dry_run(request.query)
+    dry = DRY_RUN.read(request)
     form = await read_form(request, media.upload_limits(request), repeatable=IMAGE_FILES)
     try:
         body = form.fields

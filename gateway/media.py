@@ -17,6 +17,7 @@ from gateway.failover import Routing
 from gateway.keys import API_KEY, POOL, SETTINGS
 from gateway.multipart import Limits
 from gateway.render import json_response
+from gateway.settings import Settings
 
 E = TypeVar("E", ImageModelConfig, VideoModelConfig)
 
@@ -68,6 +69,25 @@ def media_routing(request: web.Request, model: str, entry: ImageModelConfig | Vi
 
 def price_error(exc: MediaPriceError) -> ApiError:
     return invalid(str(exc), exc.param)
+
+
+def media_models(settings: Settings, kind: type[E]) -> dict[str, E]:
+    return {model: entry for model, entry in settings.models.items() if isinstance(entry, kind)}
+
+
+def one_of(values: list[str], *, nullable: bool = True) -> dict[str, Any]:
+    """A string property that must be one of `values` (any string when there are none to list)."""
+    schema: dict[str, Any] = {"type": "string", "enum": sorted(set(values))} if values else {"type": "string"}
+    return {"anyOf": [schema, {"type": "null"}]} if nullable else schema
+
+
+def form_schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """A request body's schema: these properties, nothing else (an unknown field is a 400)."""
+    return {"type": "object", "required": required, "properties": properties, "additionalProperties": False}
+
+
+# `prompt` as required_prompt checks it; model, for the document, as media_entry looks it up.
+PROMPT = {"type": "string", "minLength": 1}
 
 
 def optional_str(body: dict[str, Any], name: str) -> str | None:

@@ -44,6 +44,7 @@ from billing import db, reports
 from billing.errors import DatabaseUnavailable
 from billing.ledger import Reservation, Resolution
 from gateway.auth import check_admin
+from gateway.contract import Answer, operation
 from gateway.keys import CATALOG, POOL, TASKS
 
 log = logging.getLogger("meterline.metrics")
@@ -349,6 +350,9 @@ async def scrape(app: web.Application) -> web.Response:
     return response
 
 
+@operation("Prometheus metrics, in its text format (the admin token; or without it on metrics_port)",
+           answer=Answer(media=("text/plain",), description="Prometheus text exposition format 0.0.4"),
+           database=False, security="adminToken")
 async def metrics_with_token(request: web.Request) -> web.Response:
     """`GET /metrics` on the API's own port: the admin token is required, as for /admin."""
     check_admin(request)

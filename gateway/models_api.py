@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from billing.catalog import Catalog, CatalogEntry, CatalogError
-from gateway import upstream
+from gateway import upstream, wire
 from gateway.auth import requires_key
+from gateway.contract import MODEL_NOT_FOUND, operation
 from gateway.errors import ApiError
 from gateway.keys import CATALOG, SETTINGS, TASKS
 from gateway.render import json_response
@@ -85,12 +86,14 @@ async def resolve_model(app: web.Application, model_id: str, *, modality: str | 
     return entry
 
 
+@operation("Every priced model (text, image, video) with its prices and limits", answer=wire.ModelList)
 @requires_key
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
     return json_response({"object": "list", "data": [entry.as_model() for entry in catalog.entries()]})
 
 
+@operation("One model (its id may contain /)", answer=wire.Model, errors=(MODEL_NOT_FOUND,))
 @requires_key
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]

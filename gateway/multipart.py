@@ -22,6 +22,7 @@ from typing import IO
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway.errors import ApiError, invalid
 
@@ -98,7 +99,8 @@ async def read_form(request: web.Request, limits: Limits, *, repeatable: frozens
                 else:
                     await _read_file(part, name, part.filename, form, digest, limits)
                 await asyncio.sleep(0)  # one upload's parts never hold up other requests
-        except (ValueError, AssertionError, aiohttp.ClientPayloadError, web.RequestPayloadError) as exc:
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError, web.RequestPayloadError,
+                BadHttpMessage) as exc:  # BadHttpMessage: a part's header line that does not parse
             raise invalid(f"The multipart body is malformed: {type(exc).__name__}") from None
     except BaseException:
         form.close()

@@ -5,55 +5,38 @@ A key sees only its own account's records; another account's record id answers 4
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from billing import limits, requests_log
 from billing.money import format_usd
+from gateway import wire
 from gateway.auth import requires_key
-from gateway.bodies import query_int
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import NOT_FOUND, operation
 from gateway.errors import invalid, not_found
 from gateway.keys import API_KEY, POOL
+from gateway.params import CURSOR, BoolParam, Param, TextParam, TimeParam, limit
 from gateway.render import json_response
 
-_MAX_FILTER = 200
-
-
-def query_time(request: web.Request, name: str, *, required: bool = False) -> datetime | None:
-    """An ISO-8601 timestamp query parameter ("2026-03-15T14:32:10Z"); one without a zone is taken as UTC."""
-    raw = request.query.get(name, "").strip()
-    if not raw:
-        if required:
-            raise invalid(f"{name} is required (an ISO-8601 timestamp such as 2026-03-01T00:00:00Z)", name)
-        return None
-    return parse_time(raw, name)
-
-
-def parse_time(raw: str, name: str) -> datetime:
-    """An ISO-8601 timestamp or date as an aware UTC datetime (no zone: UTC); a 400 naming `name` otherwise."""
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-        # Normalised to UTC here, so an offset that pushes it past year 1..9999 is a 400, not a driver error.
-        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise invalid(f"{name} must be an ISO-8601 timestamp such as 2026-03-01T00:00:00Z", name) from None
-
-
-def _query_text(request: web.Request, name: str) -> str | None:
-    value = request.query.get(name) or None
-    if value is not None and len(value) > _MAX_FILTER:
-        raise invalid(f"{name} is longer than {_MAX_FILTER} characters", name)
-    return value
-
-
-def _query_bool(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "false").lower()
-    if raw not in ("true", "false", "1", "0"):
-        raise invalid(f"{name} must be true or false", name)
-    return raw in ("true", "1")
+_FILTER = 200
+_CREATED_AFTER = TimeParam("created_after", "Only records created at or after this time (ISO-8601)")
+_CREATED_BEFORE = TimeParam("created_before", "Only records created before this time (ISO-8601)")
+_MODEL = TextParam("model", "Only this model's", max_length=_FILTER)
+_KEY_ID = TextParam("key_id", "Only this key's", max_length=_FILTER)
+_STATUS = TextParam("status", "Only records of this status (success, upstream_failure, cancelled, ...)",
+                    max_length=_FILTER)
+_CLIENT_REQUEST_ID = TextParam("client_request_id", "Only the call sent with this X-Request-Id of the client's own",
+                               max_length=_FILTER)
+_GENERATION_ID = TextParam("generation_id", "Only the call the upstream knows by this id (OpenRouter's gen-..., a "
+                           "video job's id)", max_length=_FILTER)
+_PROVIDER = TextParam("provider", "Only calls this provider served (a model with several providers)",
+                      max_length=_FILTER)
+_LIMIT = limit(50, 500)
+_SUMMARY = BoolParam("summary", "true: add the count and total cost of every record the filters match")
+_REQUESTS_QUERY: tuple[Param, ...] = (_CREATED_AFTER, _CREATED_BEFORE, _MODEL, _KEY_ID, _STATUS, _CLIENT_REQUEST_ID,
+                                      _GENERATION_ID, _PROVIDER, _LIMIT, CURSOR, _SUMMARY)
 
 
 def render_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -91,22 +74,23 @@ def render_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@operation("This account's request records, newest first", query=_REQUESTS_QUERY, answer=wire.RequestList)
 @requires_key
 async def list_requests(request: web.Request) -> web.Response:
     key = request[API_KEY]
     where = requests_log.RequestFilter(
         account_id=key.account_id,
-        created_after=query_time(request, "created_after"),
-        created_before=query_time(request, "created_before"),
-        model=_query_text(request, "model"),
-        key_id=_query_text(request, "key_id"),
-        status=_query_text(request, "status"),
-        client_request_id=_query_text(request, "client_request_id"),
-        generation_id=_query_text(request, "generation_id"),
-        provider=_query_text(request, "provider"),
+        created_after=_CREATED_AFTER.read(request),
+        created_before=_CREATED_BEFORE.read(request),
+        model=_MODEL.read(request),
+        key_id=_KEY_ID.read(request),
+        status=_STATUS.read(request),
+        client_request_id=_CLIENT_REQUEST_ID.read(request),
+        generation_id=_GENERATION_ID.read(request),
+        provider=_PROVIDER.read(request),
     )
-    limit = query_int(request, "limit", default=50, low=1, high=500)
-    cursor = request.query.get("cursor") or None
+    limit = _LIMIT.read(request)
+    cursor = CURSOR.read(request)
     pool = request.app[POOL]
     try:
         page = await requests_log.list_requests(pool, where, limit=limit, cursor=cursor)
@@ -118,7 +102,7 @@ async def list_requests(request: web.Request) -> web.Response:
         "has_more": page.next_cursor is not None,
         "next_cursor": page.next_cursor,
     }
-    if _query_bool(request, "summary"):
+    if _SUMMARY.read(request):
         summary = await requests_log.summarize(pool, where)
         body["summary"] = {
             "count": summary["count"],
@@ -129,6 +113,7 @@ async def list_requests(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+@operation("One request record", answer=wire.RequestRecord, errors=(NOT_FOUND,))
 @requires_key
 async def get_request(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
@@ -140,6 +125,7 @@ async def get_request(request: web.Request) -> web.Response:
     return json_response(render_record(row))
 
 
+@operation("The calling key: its spend limit, what is left of it, and its usage", answer=wire.KeyStatus)
 @requires_key
 async def current_key(request: web.Request) -> web.Response:
     """OpenRouter's /key: the key's spend limit, what is left of it, and its usage, all in micros."""

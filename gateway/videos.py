@@ -21,17 +21,33 @@ from billing import ledger, videos
 from billing.catalog_config import VideoModelConfig
 from billing.media_pricing import MediaPriceError, VideoQuote, video_quote
 from billing.records import Outcome, RequestRecord
-from gateway import access, bodies, media
+from gateway import access, media, wire
 from gateway.auth import requires_key
 from gateway.bodies import read_json_object
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import (
+    IDEMPOTENCY_CONFLICT,
+    INVALID,
+    NOT_FOUND,
+    PROVIDER_HEADERS,
+    UPSTREAM_CALL,
+    UPSTREAM_ERROR,
+    UPSTREAM_NOT_CONFIGURED,
+    UPSTREAM_RATE_LIMITED,
+    VIDEO_NOT_READY,
+    Answer,
+    Body,
+    operation,
+)
 from gateway.errors import REQUEST_ID, ApiError, client_request_id, invalid, not_found
 from gateway.failover import MODEL_HEADER, PROVIDER_HEADER, Routing
 from gateway.keys import API_KEY, HOLDS, POOL, SETTINGS
 from gateway.media_poller import LEASE_SECONDS, POLLER_ID, progress_of, refresh
 from gateway.multipart import Form, multipart_body, read_form
+from gateway.params import DRY_RUN, IDEMPOTENCY_KEY, TextParam
 from gateway.render import json_response
 from gateway.routing import Route
+from gateway.settings import Settings
 from gateway.upstream import Upstream, UpstreamError, upstream_named
 from gateway.upstream import request as upstream_request
 from gateway.video_object import event_data, video_object
@@ -57,6 +73,27 @@ def _prefix(request: web.Request) -> str:
 # Any other field is refused with a 400 naming it, as OpenAI refuses an unrecognised argument.
 _FIELDS = frozenset({"model", "prompt", "size", "seconds", "webhook_url"})
 _FILES = frozenset({"input_reference"})
+
+
+def _schema(settings: Settings, *, multipart: bool) -> dict[str, Any]:
+    """The body's schema, from `_FIELDS` and `_FILES`, with the sizes and durations the configured video models
+    offer (`seconds` as OpenAI sends it, a string, or an integer)."""
+    models = media.media_models(settings, VideoModelConfig)
+    seconds = sorted({s for entry in models.values() for s in entry.seconds})
+    properties: dict[str, Any] = {
+        "model": media.one_of(list(models), nullable=False), "prompt": media.PROMPT,
+        "size": media.one_of([size for entry in models.values() for size in entry.sizes]),
+        "seconds": {"anyOf": [{"type": "integer", "enum": seconds}, media.one_of([str(s) for s in seconds])]},
+        "webhook_url": {"anyOf": [{"type": "string", "format": "uri"}, {"type": "null"}],
+                        "description": "Where the job's video.* events are sent, besides the account's endpoints"},
+    }
+    assert set(properties) == _FIELDS
+    if multipart:
+        properties.update({name: {"type": "string", "format": "binary"} for name in _FILES})
+    return media.form_schema(properties, ["model", "prompt"])
+
+
+_VARIANT = TextParam("variant", "Which file of the video (the upstream's variants, e.g. thumbnail)")
 
 
 async def _read_body(request: web.Request) -> tuple[dict[str, Any], Form | None, bytes]:
@@ -90,9 +127,18 @@ def _quote(entry: VideoModelConfig, model: str, body: dict[str, Any]) -> VideoQu
         raise media.price_error(exc) from None
 
 
+@operation("Start a video job: its price is held now and charged when it completes",
+           body=Body(lambda settings: _schema(settings, multipart=False),
+                     multipart=lambda settings: _schema(settings, multipart=True)),
+           query=(DRY_RUN,), headers=(IDEMPOTENCY_KEY,),
+           answer=(Answer(wire.Video, status=202, description="The job, started", headers={
+               "Idempotent-Replayed": "true when this answers an earlier request with the same Idempotency-Key",
+               **PROVIDER_HEADERS}),
+               Answer(wire.Estimate, description="With dryRun: the hold the call would take")),
+           errors=(*UPSTREAM_CALL, IDEMPOTENCY_CONFLICT))
 @requires_key
 async def create(request: web.Request) -> web.Response:
-    dry = bodies.dry_run(request.query)
+    dry = DRY_RUN.read(request)
     body, form, fingerprint = await _read_body(request)
     try:
         model, entry = media.media_entry(request, body.get("model"), VideoModelConfig)
@@ -213,6 +259,7 @@ async def _job(request: web.Request) -> dict[str, Any]:
     return job
 
 
+@operation("A video job's state", answer=Answer(wire.Video, headers=PROVIDER_HEADERS), errors=(NOT_FOUND,))
 @requires_key
 async def retrieve(request: web.Request) -> web.Response:
     """The job's current state; an unfinished job this process can lease is polled upstream first."""
@@ -231,6 +278,11 @@ def _provider_headers(job: dict[str, Any]) -> dict[str, str]:
     return {PROVIDER_HEADER: job["provider"] or job["upstream"], MODEL_HEADER: job["provider_model"] or job["model"]}
 
 
+@operation("A completed video's file, streamed from the upstream", query=(_VARIANT,),
+           answer=Answer(media=("*/*",), description="The file, with the upstream's content type (video/mp4)",
+                         headers=PROVIDER_HEADERS),
+           errors=(NOT_FOUND, VIDEO_NOT_READY, UPSTREAM_ERROR, UPSTREAM_NOT_CONFIGURED, UPSTREAM_RATE_LIMITED,
+                   INVALID))
 @requires_key
 async def content(request: web.Request) -> web.StreamResponse:
     """The finished file, relayed chunk by chunk as the upstream sends it (never buffered whole)."""
@@ -238,7 +290,8 @@ async def content(request: web.Request) -> web.StreamResponse:
     if job["status"] != "completed":
         raise ApiError(409, "VIDEO_NOT_READY", f"The video is {job['status']}; its content exists once completed")
     upstream = upstream_named(request.app, job["upstream"])
-    params = {"variant": request.query["variant"]} if "variant" in request.query else None
+    variant = _VARIANT.read(request)
+    params = {"variant": variant} if variant is not None else None
     async with upstream_request(request.app, upstream, "GET", f"videos/{job['upstream_id']}/content",
                                 params=params, headers={"Accept": "*/*"}) as resp:
         response = web.StreamResponse(headers={

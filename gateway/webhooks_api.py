@@ -12,22 +12,34 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from billing import webhooks
 from billing.webhooks import EndpointNotFound, EventNotFound
+from gateway import wire
 from gateway.auth import requires_key
-from gateway.bodies import query_int, read_model
+from gateway.bodies import read_model
 from gateway.consumer import CONSUMER_PREFIXES
+from gateway.contract import NOT_FOUND, Answer, operation
 from gateway.errors import ApiError, invalid
 from gateway.keys import API_KEY, POOL, SETTINGS
+from gateway.params import TextParam, limit
 from gateway.render import json_response
 from gateway.webhook_worker import check_target
 
 admin_routes = web.RouteTableDef()
+_ATTEMPTS_LIMIT = limit(50, 500)
+_ACCOUNT = TextParam("account_id", "Only this account's")
+_CREATED = Answer(wire.WebhookEndpoint, status=201)
 
 
 class NewEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: Annotated[StrictStr, Field(min_length=1, max_length=2000)]
-    events: Annotated[list[StrictStr], Field(min_length=1, max_length=len(webhooks.EVENT_TYPES) + 1)]
+    # Checked by check_target (https, and a public address unless webhook_allow_private_targets); the schema shows
+    # the plain form of a public https URL.
+    url: Annotated[StrictStr, Field(min_length=1, max_length=2000,
+                                    json_schema_extra={"pattern": r"^https://[a-z0-9-]+(\.[a-z0-9-]+)+(/[a-z0-9/-]*)?$",
+                                                       "examples": ["https://hooks.example.com/meterline"]})]
+    # Checked against the known types by _create (naming the unknown ones); the schema lists them.
+    events: Annotated[list[StrictStr], Field(min_length=1, max_length=len(webhooks.EVENT_TYPES) + 1,
+                                             json_schema_extra={"items": {"enum": [*webhooks.EVENT_TYPES, "*"]}})]
     description: Annotated[StrictStr, Field(max_length=500)] | None = None
 
 
@@ -60,7 +72,7 @@ async def _attempts(request: web.Request, account_id: str | None) -> web.Respons
     endpoint_id = request.match_info["endpoint_id"]
     try:
         rows = await webhooks.attempts(request.config_dict[POOL], endpoint_id, account_id=account_id,
-                                       limit=query_int(request, "limit", default=50, low=1, high=500))
+                                       limit=_ATTEMPTS_LIMIT.read(request))
     except EndpointNotFound:
         raise endpoint_not_found(endpoint_id) from None
     return json_response({"object": "list", "data": [{"object": "webhook_attempt", **r} for r in rows]})
@@ -75,33 +87,40 @@ async def _delete(request: web.Request, account_id: str | None) -> web.Response:
     return json_response({"id": endpoint_id, "object": "webhook_endpoint.deleted", "deleted": True})
 
 
+@operation("Register a webhook endpoint for this account", body=NewEndpoint, answer=_CREATED)
 @requires_key
 async def create_endpoint(request: web.Request) -> web.Response:
     return await _create(request, request[API_KEY].account_id)
 
 
+@operation("This account's webhook endpoints", answer=wire.WebhookEndpointList)
 @requires_key
 async def list_endpoints(request: web.Request) -> web.Response:
     rows = await webhooks.list_endpoints(request.app[POOL], account_id=request[API_KEY].account_id)
     return json_response({"object": "list", "data": [render_endpoint(r) for r in rows]})
 
 
+@operation("Delete a webhook endpoint", answer=wire.Deleted, errors=(NOT_FOUND,))
 @requires_key
 async def delete_endpoint(request: web.Request) -> web.Response:
     return await _delete(request, request[API_KEY].account_id)
 
 
+@operation("An endpoint's delivery attempts, newest first", query=(_ATTEMPTS_LIMIT,),
+           answer=wire.WebhookAttemptList, errors=(NOT_FOUND,))
 @requires_key
 async def endpoint_attempts(request: web.Request) -> web.Response:
     return await _attempts(request, request[API_KEY].account_id)
 
 
+@operation("This account's webhook signing secret", answer=wire.WebhookSecret)
 @requires_key
 async def secret(request: web.Request) -> web.Response:
     row = await webhooks.current_secret(request.app[POOL], request[API_KEY].account_id)
     return json_response({"object": "webhook_secret", **row})
 
 
+@operation("Rotate the signing secret (the previous one signs on for a grace period)", answer=wire.WebhookSecret)
 @requires_key
 async def rotate_secret(request: web.Request) -> web.Response:
     grace = request.app[SETTINGS].webhook_secret_grace_seconds
@@ -119,27 +138,33 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"{prefix}/webhooks/{{endpoint_id}}/attempts", endpoint_attempts)
 
 
+@operation("Every account's webhook endpoints", query=(_ACCOUNT,), answer=wire.WebhookEndpointList)
 @admin_routes.get("/webhooks")
 async def admin_list(request: web.Request) -> web.Response:
-    rows = await webhooks.list_endpoints(request.config_dict[POOL], account_id=request.query.get("account_id"))
+    rows = await webhooks.list_endpoints(request.config_dict[POOL], account_id=_ACCOUNT.read(request))
     return json_response({"object": "list", "data": [render_endpoint(r) for r in rows]})
 
 
+@operation("Register a webhook endpoint for an account", body=NewEndpoint, answer=_CREATED, errors=(NOT_FOUND,))
 @admin_routes.post("/accounts/{account_id}/webhooks")
 async def admin_create(request: web.Request) -> web.Response:
     return await _create(request, request.match_info["account_id"])
 
 
+@operation("Delete a webhook endpoint", answer=wire.Deleted, errors=(NOT_FOUND,))
 @admin_routes.delete("/webhooks/{endpoint_id}")
 async def admin_delete(request: web.Request) -> web.Response:
     return await _delete(request, None)
 
 
+@operation("An endpoint's delivery attempts, newest first", query=(_ATTEMPTS_LIMIT,),
+           answer=wire.WebhookAttemptList, errors=(NOT_FOUND,))
 @admin_routes.get("/webhooks/{endpoint_id}/attempts")
 async def admin_attempts(request: web.Request) -> web.Response:
     return await _attempts(request, None)
 
 
+@operation("Deliver an event again to its endpoints", answer=Answer(wire.Replay, status=202), errors=(NOT_FOUND,))
 @admin_routes.post("/webhook_events/{event_id}/replay")
 async def admin_replay(request: web.Request) -> web.Response:
     event_id = request.match_info["event_id"]

@@ -65,6 +65,8 @@ CASES: list[tuple[str, str, str, list[bytes], bytes, str, str | None]] = [
     ("ledger-cursor-beyond-bigint", "GET", "/admin/accounts/acct_x/ledger?cursor=99999999999999999999", [], b"",
      "admin", "cursor"),
     ("deflate-garbage", "POST", CHAT, [b"Content-Encoding: deflate"], b"this is not deflate data", "customer", None),
+    ("multipart-part-with-an-invalid-header-line", "POST", "/v1/videos",
+     [b"Content-Type: multipart/form-data; boundary=XX"], b"--XX\r\n502--XX--\r\n", "customer", None),
     ("duplicate-multipart-field", "POST", "/v1/images/edits",
      [b"Content-Type: multipart/form-data; boundary=XX"],
      b"".join(b'--XX\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % pair for pair in [

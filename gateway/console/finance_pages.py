@@ -21,8 +21,8 @@ from billing import accounts, exports, reports, statements
 from gateway.console.common import render
 from gateway.errors import invalid
 from gateway.keys import POOL
+from gateway.params import query_time
 from gateway.render import iso
-from gateway.usage import query_time
 
 LINES_PAGE = 100
 FLAGS_SHOWN = 50

@@ -20,7 +20,7 @@ from billing import requests_log, videos
 from gateway.console.common import render, text_field
 from gateway.errors import invalid, not_found
 from gateway.keys import POOL
-from gateway.usage import parse_time
+from gateway.params import parse_time
 
 PAGE = 50
 MAX_FILTER = 200
