@@ -182,8 +182,8 @@ class Simulator:
         app.on_response_prepare.append(_stamp)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/images/generations", self.image_generations)
-        app.router.add_post("/v1/images/edits", self.image_edits)
+        app.router.add_post("/v1/images/generations", self.images)
+        app.router.add_post("/v1/images/edits", self.images)
         app.router.add_post("/v1/videos", self.create_video)
         app.router.add_get("/v1/videos/{id}", self.get_video)
         app.router.add_get("/v1/videos/{id}/content", self.video_content)
@@ -200,11 +200,10 @@ class Simulator:
         return web.json_response(catalog())
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return _error(400, "the body is not JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
             return _error(400, "messages: a non-empty list is required")
         text, finish, _ = completion(body)
         n = max(_count(body.get("n"), 1), 1)
@@ -249,29 +248,17 @@ class Simulator:
         return web.json_response({"created": int(time.time()), "provider": PROVIDER,
                                   "data": [{"b64_json": picture, "revised_prompt": caption} for _ in range(n)]})
 
-    async def image_generations(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return _error(400, "the body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+    async def images(self, request: web.Request) -> web.Response:
+        """Generations (JSON) and edits (multipart): the same stand-in picture, n times."""
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
         return self._images(body.get("prompt"), max(_count(body.get("n"), 1), 1))
 
-    async def image_edits(self, request: web.Request) -> web.Response:
-        fields = await _form_fields(request)
-        return self._images(fields.get("prompt"), max(_count(fields.get("n"), 1), 1))
-
     async def create_video(self, request: web.Request) -> web.Response:
-        if request.content_type.startswith("multipart/"):
-            body: Any = await _form_fields(request)
-        else:
-            try:
-                body = await request.json()
-            except json.JSONDecodeError:
-                return _error(400, "the body is not JSON")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
         video_id = f"sim_video_{next(self._ids):016x}"
         video = {"id": video_id, "object": "video", "model": body.get("model"), "status": "queued", "progress": 0,
                  "created_at": int(time.time()), "seconds": str(body.get("seconds", "4")), "size": body.get("size"),
@@ -312,6 +299,17 @@ class Simulator:
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[HEADER] = "true"
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    """A request's fields: its multipart text fields, or its JSON object; a 400 answer when it is neither."""
+    if request.content_type.startswith("multipart/"):
+        return await _form_fields(request)
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return _error(400, "the body is not JSON")
+    return body if isinstance(body, dict) else _error(400, "the body must be a JSON object")
 
 
 async def _form_fields(request: web.Request) -> dict[str, str]:

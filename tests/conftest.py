@@ -31,7 +31,8 @@ from tests.factories import make_customer
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
 # Fixtures of the chat tests (a fake OpenRouter and a gateway pointed at it), importable by name in any test.
-pytest_plugins = ["tests.chat_support", "tests.console_support", "tests.fakes.media_upstream", "tests.outage"]
+pytest_plugins = ["tests.chat_support", "tests.console_support", "tests.fakes.media_upstream", "tests.outage",
+                  "tests.log_support"]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

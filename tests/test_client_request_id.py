@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -17,7 +15,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import logs
 from gateway.app import create_app
 from gateway.settings import Settings, UpstreamSettings
 from tests.chat_support import MODEL, UPSTREAM_KEY_ENV
@@ -32,19 +29,6 @@ ASK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 def _auth(secret: str, **extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}", **extra}
 
-
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.JsonFormatter())
-    handler.addFilter(logs.ContextFilter())
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield out
-    finally:
-        root.removeHandler(handler)
 
 
 async def test_a_clients_request_id_is_kept_on_the_record_and_found_by_it_while_ours_is_returned(

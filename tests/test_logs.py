@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -21,21 +20,6 @@ from tests.conftest import ADMIN_TOKEN
 from tests.factories import make_customer
 from tests.fakes.upstream import FakeUpstream
 from tests.serving import free_port
-
-
-@pytest.fixture
-def json_lines() -> Iterator[io.StringIO]:
-    """Every log line, as `meterline serve` writes it off a terminal (JSON), for the test's duration."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(logs.JsonFormatter())
-    handler.addFilter(logs.ContextFilter())
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield out
-    finally:
-        root.removeHandler(handler)
 
 
 async def test_lines_logged_for_a_failed_upstream_call_carry_its_request_id_and_ids_and_no_secret(
