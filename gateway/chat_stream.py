@@ -280,8 +280,7 @@ class StreamRelay:
             status, code, message = "upstream_failure", self.failure.code, self.failure.message
         elif interrupted:
             status, code = "cancelled", "CLIENT_DISCONNECTED" if self.client_gone else "CANCELLED"
-        chunks = self._parsed(self.delivered + self.sending)
-        generation = next((found for chunk in chunks if (found := generation_id(chunk)) is not None), None)
+        generation = self._generation_id()
         if self.usage is not None and self.cost is not None:
             if self.insured:
                 await self.hold.void("zero-completion insurance: nothing was generated", usage_outcome(
@@ -311,6 +310,11 @@ class StreamRelay:
         if not self.keep_answer:
             return None
         return {"message": streamed_message(self._parsed(self.delivered + self.sending))}
+
+    def _generation_id(self) -> str | None:
+        """The upstream's id of the completion, from the first data chunk delivered (one parse, not the stream's)."""
+        first = next((event for event in self.delivered + self.sending if event.startswith(_DATA)), None)
+        return generation_id(self._parse(first)) if first is not None else None
 
     def reader_done(self) -> bool:
         return self.opened.raw.content.at_eof()

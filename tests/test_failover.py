@@ -222,6 +222,7 @@ async def test_a_stream_whose_first_provider_fails_before_its_first_chunk_is_ser
     record = await request_record(pool, resp.headers["X-Request-Id"])
     assert [(a["provider"], a["upstream_status"]) for a in record["attempts"]] == [("alpha", 200), ("beta", 200)]
     assert record["attempts"][0]["error_code"] == "UPSTREAM_ERROR"
+    assert (record["generation_id"], record["upstream_cost_micros"]) == ("gen-fake-1", BETA_COST)
 
 
 async def test_a_stream_that_fails_after_output_started_is_not_moved_and_bills_what_was_delivered(
