@@ -60,7 +60,9 @@ class Attempt:
     duration_ms: int
 
     def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies field by field, about 30 µs a call on the hot path.
+        return {"provider": self.provider, "upstream_status": self.upstream_status, "error_code": self.error_code,
+                "duration_ms": self.duration_ms}
 
 
 class Routing:

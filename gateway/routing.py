@@ -123,6 +123,8 @@ def _weighted_shuffle(routes: list[Route], rng: random.Random) -> list[Route]:
 def order(routes: Sequence[Route], preference: Preference, breakers: Breakers | None,
           rng: random.Random) -> tuple[list[Route], list[Route]]:
     """The providers to try, in order, and those skipped because their breaker is open."""
+    if len(routes) == 1 and breakers is None:  # a model with one upstream: nothing to order
+        return list(routes), []
     allowed = [route for route in routes
                if (preference.only is None or route.name in preference.only) and route.name not in preference.ignore]
     by_name = {route.name: route for route in allowed}
