@@ -229,13 +229,17 @@ class Posting:
 
 
 async def post(
-    conn: Executor, *, account_id: str, kind: str, amount_micros: int, description: str | None
+    conn: Executor, *, account_id: str, kind: str, amount_micros: int, description: str | None,
+    overdraw: bool = False,
 ) -> Posting:
-    """A top-up (positive) or adjustment (signed) between the customer and the matching operator account."""
+    """A top-up (positive) or adjustment (signed) between the customer and the matching operator account.
+
+    `overdraw`: a negative adjustment is posted even past the available balance, the uncovered part recorded as
+    overrun (a reversal of money the customer paid, billing.payments); otherwise it raises InsufficientBalance."""
     check_range(amount_micros)
     try:
         row = await conn.fetchrow(
-            "SELECT * FROM meterline_post($1, $2, $3, $4)", account_id, kind, amount_micros, description
+            "SELECT * FROM meterline_post($1, $2, $3, $4, $5)", account_id, kind, amount_micros, description, overdraw
         )
     except asyncpg.PostgresError as exc:
         code = getattr(exc, "sqlstate", None)

@@ -26,6 +26,7 @@ from gateway import (
     media_poller,
     metrics,
     models_api,
+    payments_api,
     server,
     upstream,
     usage,
@@ -154,6 +155,7 @@ def create_app(settings: Settings) -> web.Application:
     chat.add_routes(app)
     conversations_api.add_routes(app)
     webhooks_api.add_routes(app)
+    payments_api.add_routes(app)
     usage.add_routes(app)
     images.add_routes(app)
     videos.add_routes(app)

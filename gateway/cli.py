@@ -1,4 +1,5 @@
-"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup), export, statement."""
+"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup, payments), export,
+statement."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from billing import accounts, db, exports, keys, ledger, schema, statements
+from billing import accounts, db, exports, keys, ledger, payments, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
@@ -174,6 +175,12 @@ def cmd_topup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_payments(settings: Settings, args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_db(settings, lambda conn: payments.list_payments(conn, args.account, limit=args.limit)))
+    _print({"object": "list", "data": [{"object": "payment", **row} for row in rows]})
+    return 0
+
+
 def _utc(text: str) -> datetime:
     """An ISO-8601 timestamp argument; one without a zone is UTC."""
     try:
@@ -262,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--idempotency-key", required=True)
     top.add_argument("--description", default=None)
     top.set_defaults(func=cmd_topup)
+    pay = sub.add_parser("payments", help="an account's Stripe payments, newest first")
+    pay.add_argument("--account", required=True)
+    pay.add_argument("--limit", type=int, default=20)
+    pay.set_defaults(func=cmd_payments)
 
     exp = sub.add_parser("export", help="export the ledger or request records (streamed, constant memory)")
     exp.add_argument("kind", choices=exports.KINDS)

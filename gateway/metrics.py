@@ -169,7 +169,7 @@ class Metrics:
                              "expired (by the sweeper, or found expired when resolved)", ("event",))
         self.held_micros = counter("meterline_held_micros", "Micros held by reservations")
         self.charged_micros = counter("meterline_charged_micros", "Micros charged by settlements")
-        self.topped_up_micros = counter("meterline_topped_up_micros", "Micros credited by top-ups (admin API)")
+        self.topped_up_micros = counter("meterline_topped_up_micros", "Micros credited by top-ups (admin API, Stripe)")
         self.refusals = counter("meterline_refusals", "Requests refused with 402 or 429, by status and reason",
                                 ("status", "reason"))
         self.batch_size = Histogram("meterline_ledger_batch_size", "Holds or settlements committed together in "

@@ -45,6 +45,44 @@ class UpstreamSettings(BaseModel):
         return os.environ.get(self.api_key_env) or None
 
 
+class StripeSettings(BaseModel):
+    """Stripe top-ups (issue 16). Stripe is off while the secret key's variable is unset: its routes answer 503."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_base: str = "https://api.stripe.com"
+    secret_key_env: str = Field(default="STRIPE_SECRET_KEY", min_length=1)
+    webhook_secret_env: str = Field(default="STRIPE_WEBHOOK_SECRET", min_length=1)
+    # Lumenfall's minimum: a card payment below it costs more in fees than it is worth.
+    min_amount_usd: Decimal = Field(default=Decimal(10), gt=0, decimal_places=2)
+    max_amount_usd: Decimal = Field(default=Decimal(10_000), gt=0, decimal_places=2)
+    # How old a webhook's signed timestamp may be (Stripe's library default): older is a replay, refused.
+    webhook_tolerance_seconds: int = Field(default=300, ge=1, le=86_400)
+    # Where Checkout sends the customer back (unset: the gateway's base URL with ?checkout=success / cancel).
+    success_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    cancel_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _range(self) -> StripeSettings:
+        if self.min_amount_usd > self.max_amount_usd:
+            raise ValueError(f"min_amount_usd ({self.min_amount_usd}) exceeds max_amount_usd ({self.max_amount_usd})")
+        return self
+
+    def secret_key(self) -> str | None:
+        return os.environ.get(self.secret_key_env) or None
+
+    def webhook_secret(self) -> str | None:
+        return os.environ.get(self.webhook_secret_env) or None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="METERLINE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -152,6 +190,7 @@ class Settings(BaseSettings):
     max_form_field_bytes: int = Field(default=128 * 1024, ge=1)
     video_max_job_seconds: float = Field(default=3600.0, gt=0, description="A job running longer is voided")
     video_poll_seconds: float = Field(default=5.0, gt=0, description="How often unfinished jobs are polled")
+    stripe: StripeSettings = Field(default_factory=StripeSettings)
 
     @model_validator(mode="after")
     def _holds_outlast_calls(self) -> Settings:

@@ -340,3 +340,43 @@ class FlagsReport(_Shape):
 
 
 KeyStatus.model_rebuild()
+
+
+class CheckoutSession(_Shape):
+    """A Stripe Checkout Session created for a top-up: send the customer to `url`."""
+
+    object: Literal["checkout_session"]
+    id: str
+    url: str
+    payment_id: str
+    amount_micros: int
+
+
+class Payment(_Shape):
+    """Money paid through Stripe: open until its session is paid, then the top-up it posted and any reversals."""
+
+    id: str
+    object: Literal["payment"]
+    kind: str
+    status: Literal["open", "paid"]
+    session_id: str
+    amount_micros: int
+    paid_micros: int | None
+    refunded_micros: int
+    disputed_micros: int
+    created_at: str
+    completed_at: str | None
+
+
+class PaymentList(_Shape):
+    object: Literal["list"]
+    data: list[Payment]
+
+
+class StripeEventReceipt(_Shape):
+    """What a Stripe event did: credited, reversed or ignored (with the reason)."""
+
+    object: Literal["stripe_event"]
+    id: str | None
+    action: Literal["credited", "reversed", "ignored"]
+    amount_micros: int

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-0123456789"
 # Fixtures of the chat tests (a fake OpenRouter and a gateway pointed at it), importable by name in any test.
 pytest_plugins = ["tests.chat_support", "tests.console_support", "tests.fakes.media_upstream", "tests.outage",
-                  "tests.log_support"]
+                  "tests.log_support", "tests.fakes.stripe"]
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from tests.chat_support import MODEL, UPSTREAM_KEY, UPSTREAM_KEY_ENV, point_at
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import make_account, make_customer, make_key
 from tests.fakes.media_upstream import media_settings
+from tests.fakes.stripe import stripe_on, with_stripe
 from tests.outage import StoppablePostgres
 from tests.serving import running
 
@@ -53,6 +54,7 @@ MAY_NEVER_SUCCEED = {
     *(f"DELETE {prefix}/{kind}" for prefix in ("/v1", "/openai/v1")
       for kind in ("conversations/{conversation_id}", "memories/{memory_id}", "webhooks/{endpoint_id}")),
     "PATCH /admin/keys/{key_id}",
+    "POST /webhooks/stripe",  # only Stripe's signature (made with the endpoint secret) gets past the check
 }
 SETTINGS = hypothesis.settings(
     max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=False,
@@ -156,11 +158,12 @@ def _fuzz(base: str, secret: str, known: dict[str, str]) -> tuple[dict[str, Coun
 
 @pytest.mark.timeout(300)
 async def test_every_operation_holds_to_the_document_under_generated_input(
-        settings: Settings, openrouter_server: TestServer, server: TestServer, pool: asyncpg.Pool,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        settings: Settings, openrouter_server: TestServer, server: TestServer, stripe_server: TestServer,
+        pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
     monkeypatch.setenv("MEDIA_API_KEY", "media-key")
-    app = create_app(media_settings(point_at(settings, openrouter_server), server))
+    stripe_on(monkeypatch)
+    app = create_app(with_stripe(media_settings(point_at(settings, openrouter_server), server), stripe_server))
     account_id, secret = await make_customer(pool, balance_micros=1_000_000_000, detailed_logging=True)
     async with running(app, handler_cancellation=False) as base:
         known = await _known_ids(base, pool, account_id, secret)
