@@ -24,7 +24,9 @@ from tests.conftest import admin_headers
 from tests.factories import make_customer, request_id
 from tests.fakes.stripe import KEY_ENV, SECRET_KEY, WEBHOOK_ENV, WEBHOOK_SECRET, FakeStripe, stripe_on, with_stripe
 from tests.fakes.upstream import FakeUpstream
+from tests.metrics_support import value
 from tests.test_cli import meterline
+from tests.test_metrics import scrape
 
 DOLLARS_25 = 25_000_000
 
@@ -124,6 +126,8 @@ async def test_the_first_deliveries_racing_each_other_across_two_apps_credit_onc
     results = await asyncio.gather(*(deliver(app, signed.payload, signed.header) for app in (gateway, other) * 5))
     assert sorted(b["action"] for _, b in results) == ["credited"] + ["ignored"] * 9
     assert {s for s, _ in results} == {200}
+    credited = [value((await scrape(app))[1], "meterline_topped_up_micros_total") for app in (gateway, other)]
+    assert sum(credited) == DOLLARS_25  # the metric counts the credit once, in the app that posted it
     assert await available(pool, account_id) == DOLLARS_25
     assert await kinds(pool, account_id) == [("topup", DOLLARS_25)]
     assert await verify(pool) == []
