@@ -148,6 +148,12 @@ async def _fulfil(pool: asyncpg.Pool, session: dict[str, Any]) -> Outcome:
     intent = session.get("payment_intent")
     paid = micros_of_cents(cents)
     async with pool.acquire() as conn, conn.transaction():
+        # A session Stripe created but whose row was never written (the database failed between the two, and the
+        # customer paid anyway) is recorded now, for the account the signed event names: money paid is never lost.
+        await conn.execute(
+            "INSERT INTO payments (id, account_id, kind, session_id, amount_micros)"
+            " SELECT $1, $2, 'checkout', $3, $4 WHERE EXISTS (SELECT FROM accounts WHERE id = $2 AND kind = 'customer')"
+            " ON CONFLICT (session_id) DO NOTHING", new_id("pay"), account_id, session_id, paid)
         # The gate: only the delivery that finds the row open turns it paid (a concurrent one waits on the row
         # lock, then finds it paid and updates nothing).
         payment_id = await conn.fetchval(

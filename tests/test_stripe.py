@@ -313,3 +313,35 @@ async def test_the_cli_lists_an_accounts_payments(
     missing = meterline("payments", "--account", "acct_nope", database_url=database_url, check=False)
     assert missing.returncode == 1 and "acct_nope" in missing.stderr
     assert await verify(pool) == []
+
+
+async def test_a_paid_session_whose_record_was_lost_is_recorded_and_credited_once(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    """The database failed after Stripe created the session and before its row was written; the customer paid."""
+    account_id, secret = await make_customer(pool)
+    session = await checkout(gateway, secret)
+    await pool.execute("DELETE FROM payments")
+    signed = fake_stripe.sign(fake_stripe.event("checkout.session.completed", fake_stripe.session_paid(session["id"])))
+    results = await asyncio.gather(*(deliver(gateway, signed.payload, signed.header) for _ in range(3)))
+    assert sorted(b["action"] for _, b in results) == ["credited", "ignored", "ignored"]
+    row = await pool.fetchrow("SELECT account_id, session_id, status, amount_micros, paid_micros FROM payments")
+    assert tuple(row) == (account_id, session["id"], "paid", DOLLARS_25, DOLLARS_25)
+    assert await kinds(pool, account_id) == [("topup", DOLLARS_25)]
+    assert await verify(pool) == []
+
+
+async def test_a_session_naming_another_account_than_its_record_credits_nothing(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, secret = await make_customer(pool)
+    other_id, _ = await make_customer(pool)
+    session = await checkout(gateway, secret)
+    paid = fake_stripe.session_paid(session["id"])
+    paid.update(metadata={"meterline_account_id": other_id}, client_reference_id=other_id)
+    signed = fake_stripe.sign(fake_stripe.event("checkout.session.completed", paid))
+    status, body = await deliver(gateway, signed.payload, signed.header)
+    assert (status, body["action"], body["amount_micros"]) == (200, "ignored", 0)
+    assert await kinds(pool, account_id) == [] and await kinds(pool, other_id) == []
+    assert await pool.fetchval("SELECT status FROM payments") == "open"
+    assert await verify(pool) == []
