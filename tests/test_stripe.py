@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -25,6 +26,7 @@ from tests.factories import make_customer, request_id
 from tests.fakes.stripe import KEY_ENV, SECRET_KEY, WEBHOOK_ENV, WEBHOOK_SECRET, FakeStripe, stripe_on, with_stripe
 from tests.fakes.upstream import FakeUpstream
 from tests.metrics_support import value
+from tests.serving import meterline_serve
 from tests.test_cli import meterline
 from tests.test_metrics import scrape
 
@@ -344,4 +346,33 @@ async def test_a_session_naming_another_account_than_its_record_credits_nothing(
     assert (status, body["action"], body["amount_micros"]) == (200, "ignored", 0)
     assert await kinds(pool, account_id) == [] and await kinds(pool, other_id) == []
     assert await pool.fetchval("SELECT status FROM payments") == "open"
+    assert await verify(pool) == []
+
+
+async def test_deliveries_racing_across_two_serve_processes_credit_once(
+    pool: asyncpg.Pool, database_url: str, stripe_server: TestServer, fake_stripe: FakeStripe
+) -> None:
+    env = {"METERLINE_DATABASE_URL": database_url, "METERLINE_REMOTE_CATALOG": "false",
+           "METERLINE_STRIPE__API_BASE": str(stripe_server.make_url("")),
+           "METERLINE_STRIPE__SECRET_KEY_ENV": KEY_ENV, "METERLINE_STRIPE__WEBHOOK_SECRET_ENV": WEBHOOK_ENV,
+           KEY_ENV: SECRET_KEY, WEBHOOK_ENV: WEBHOOK_SECRET}
+    account_id, secret = await make_customer(pool)
+    async with meterline_serve(env) as (first, _), meterline_serve(env) as (second, _), aiohttp.ClientSession() as http:
+        async with http.post(f"{first}/v1/billing/checkout", json={"amount_usd": "25.00"},
+                             headers={"Authorization": f"Bearer {secret}"}) as response:
+            assert response.status == 201, await response.text()
+            session = await response.json()
+        signed = fake_stripe.sign(fake_stripe.event("checkout.session.completed",
+                                                    fake_stripe.session_paid(session["id"])))
+
+        async def deliver_to(base: str) -> str:
+            async with http.post(f"{base}/webhooks/stripe", data=signed.payload,
+                                 headers={"Stripe-Signature": signed.header}) as answer:
+                assert answer.status == 200
+                action: str = (await answer.json())["action"]
+                return action
+
+        actions = await asyncio.gather(*(deliver_to(base) for base in (first, second) * 4))
+    assert sorted(actions) == ["credited"] + ["ignored"] * 7
+    assert await kinds(pool, account_id) == [("topup", DOLLARS_25)]
     assert await verify(pool) == []
