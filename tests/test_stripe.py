@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -15,13 +17,13 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from billing import ledger, payments
+from billing import ledger, payments, statements
 from billing.errors import InsufficientBalance
 from billing.verify import verify
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError, load_settings
 from tests.chat_support import MESSAGES, MODEL, UPSTREAM_KEY, UPSTREAM_KEY_ENV, point_at
-from tests.conftest import admin_headers
+from tests.conftest import ROOT, admin_headers
 from tests.factories import make_customer, request_id
 from tests.fakes.stripe import KEY_ENV, SECRET_KEY, WEBHOOK_ENV, WEBHOOK_SECRET, FakeStripe, stripe_on, with_stripe
 from tests.fakes.upstream import FakeUpstream
@@ -227,6 +229,11 @@ async def test_a_refund_of_spent_credit_overdraws_once_and_the_next_hold_is_refu
     assert openrouter.calls["chat"] == 0
     row = await pool.fetchrow("SELECT paid_micros, refunded_micros FROM payments")
     assert tuple(row) == (DOLLARS_25, DOLLARS_25)
+    # The statement ties out across the overdraft: 0 + 25 credited - (20 charged + 25 refunded) = -20.
+    stmt = await statements.statement(pool, account_id=account_id, start=datetime(2000, 1, 1, tzinfo=UTC),
+                                      end=datetime.now(UTC) + timedelta(minutes=1))
+    assert (stmt["opening_balance_micros"], stmt["credits_micros"], stmt["debits_micros"],
+            stmt["closing_balance_micros"]) == (0, DOLLARS_25, 45_000_000, -20_000_000)
     assert await verify(pool) == []
 
 
@@ -376,3 +383,13 @@ async def test_deliveries_racing_across_two_serve_processes_credit_once(
     assert sorted(actions) == ["credited"] + ["ignored"] * 7
     assert await kinds(pool, account_id) == [("topup", DOLLARS_25)]
     assert await verify(pool) == []
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({"min_amount_usd": "50", "max_amount_usd": "10"}, "min_amount_usd (50) exceeds max_amount_usd (10)"),
+    ({"api_base": "stripe.example"}, "stripe.api_base"),
+    ({"webhook_tolerance_seconds": 0}, "stripe.webhook_tolerance_seconds"),
+], ids=["min above max", "not a URL", "no tolerance"])
+def test_a_bad_stripe_setting_stops_the_start_naming_it(overrides: dict[str, Any], named: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(named)):
+        load_settings(config=ROOT / "config" / "meterline.toml", stripe=overrides)
