@@ -27,6 +27,10 @@ CREATE TABLE accounts (
     low_balance_alerted_at timestamptz,
     -- The Stripe customer this account pays as (issue 16), created once on its first checkout.
     stripe_customer_id     text UNIQUE,
+    -- Auto top-up (issue 16): the enabled rule's threshold (NULL: no enabled rule), and when a charge took the
+    -- available balance below it (NULL: armed). A copy of the rule's threshold so a charge reads no other table.
+    auto_topup_micros      bigint,
+    auto_topup_fired_at    timestamptz,
     CHECK (kind = 'customer' OR (credits_posted = 0 AND debits_posted = 0 AND held_micros = 0))
 );
 
@@ -439,7 +443,9 @@ END $$;
 -- settle: post the actual charge and release the hold. Exactly once: a resolved hold returns its stored outcome
 -- (replayed = true) and writes nothing. actual > held still posts in full; the excess is recorded as overrun. A
 -- charge that takes the available balance below the account's low_balance_micros writes a `balance.low` webhook
--- event, once until a credit lifts the balance back over it (meterline_post re-arms it).
+-- event, once until a credit lifts the balance back over it (meterline_post re-arms it). A charge that takes it
+-- below an enabled auto top-up rule's threshold records the rule's trigger (an open auto_topup payment), likewise
+-- once until a credit lifts it back.
 CREATE OR REPLACE FUNCTION meterline_settle(
     p_request_id text, p_actual bigint, p_estimated boolean, p_record jsonb
 ) RETURNS TABLE (state text, hold_micros bigint, actual_micros bigint, overrun_micros bigint,
@@ -453,6 +459,7 @@ DECLARE
     v_held    bigint;
     v_low     bigint;
     v_alerted timestamptz;
+    v_topup   timestamptz;
 BEGIN
     IF p_actual IS NULL OR p_actual < 0 THEN
         RAISE EXCEPTION 'a charge must be a non-negative amount, got %', p_actual USING ERRCODE = '22023';
@@ -472,10 +479,14 @@ BEGIN
        SET held_micros = a.held_micros - v_release, debits_posted = a.debits_posted + p_actual,
            low_balance_alerted_at = CASE WHEN a.low_balance_alerted_at IS NULL
                AND a.credits_posted - a.debits_posted - p_actual - a.held_micros + v_release < a.low_balance_micros
-               THEN now() ELSE a.low_balance_alerted_at END
+               THEN now() ELSE a.low_balance_alerted_at END,
+           auto_topup_fired_at = CASE WHEN a.auto_topup_fired_at IS NULL
+               AND a.credits_posted - a.debits_posted - p_actual - a.held_micros + v_release < a.auto_topup_micros
+               THEN now() ELSE a.auto_topup_fired_at END
      WHERE a.id = h.account_id
-    RETURNING a.credits_posted - a.debits_posted, a.held_micros, a.low_balance_micros, a.low_balance_alerted_at
-         INTO v_balance, v_held, v_low, v_alerted;
+    RETURNING a.credits_posted - a.debits_posted, a.held_micros, a.low_balance_micros, a.low_balance_alerted_at,
+              a.auto_topup_fired_at
+         INTO v_balance, v_held, v_low, v_alerted, v_topup;
     INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, request_id,
                            overrun_micros, estimated, balance_after_micros)
     VALUES (h.account_id, h.account_id, 'op_revenue', p_actual, 'charge', p_request_id,
@@ -484,6 +495,9 @@ BEGIN
         PERFORM meterline_webhook_emit(h.account_id, 'balance.low', jsonb_build_object(
             'account_id', h.account_id, 'available_micros', v_balance - v_held, 'balance_micros', v_balance,
             'threshold_micros', v_low), 'balance.low:' || h.account_id || ':' || v_alerted, NULL);
+    END IF;
+    IF v_topup = now() THEN  -- crossed below the auto top-up threshold: the trigger is recorded with the charge
+        PERFORM meterline_auto_topup_fire(h.account_id);
     END IF;
     PERFORM meterline_key_release(h, v_release, p_actual);
     UPDATE holds SET state = 'settled', actual_micros = p_actual, overrun_micros = v_overrun,
@@ -575,7 +589,10 @@ BEGIN
         UPDATE accounts a SET credits_posted = a.credits_posted + p_amount,
                -- a credit that lifts the available balance back to the low-balance threshold re-arms its alert
                low_balance_alerted_at = CASE WHEN a.credits_posted + p_amount - a.debits_posted - a.held_micros
-                   >= a.low_balance_micros THEN NULL ELSE a.low_balance_alerted_at END
+                   >= a.low_balance_micros THEN NULL ELSE a.low_balance_alerted_at END,
+               -- and the auto top-up rule
+               auto_topup_fired_at = CASE WHEN a.credits_posted + p_amount - a.debits_posted - a.held_micros
+                   >= a.auto_topup_micros THEN NULL ELSE a.auto_topup_fired_at END
          WHERE a.id = p_account_id AND a.kind = 'customer'
         RETURNING a.credits_posted - a.debits_posted, a.held_micros INTO v_balance, v_held;
     ELSE
@@ -977,9 +994,9 @@ END $$;
 CREATE TABLE payments (
     id              text PRIMARY KEY,
     account_id      text NOT NULL REFERENCES accounts (id),
-    kind            text NOT NULL CHECK (kind IN ('checkout')),
-    status          text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'paid')),
-    session_id      text NOT NULL UNIQUE,
+    kind            text NOT NULL CHECK (kind IN ('checkout', 'auto_topup')),
+    status          text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'paid', 'failed')),
+    session_id      text UNIQUE,
     payment_intent  text UNIQUE,
     amount_micros   bigint NOT NULL CHECK (amount_micros > 0),
     paid_micros     bigint CHECK (paid_micros > 0),
@@ -992,9 +1009,81 @@ CREATE TABLE payments (
     created_at      timestamptz NOT NULL DEFAULT now(),
     completed_at    timestamptz,
     CHECK ((status = 'paid') = (paid_micros IS NOT NULL AND completed_at IS NOT NULL)),
-    CHECK (refunded_micros + disputed_micros <= COALESCE(paid_micros, 0))
+    CHECK (refunded_micros + disputed_micros <= COALESCE(paid_micros, 0)),
+    -- Auto top-up (issue 16): the payment method charged, and why it failed (status failed).
+    payment_method  text,
+    failure         text,
+    CONSTRAINT payments_session_check CHECK (kind = 'auto_topup' OR session_id IS NOT NULL)
 );
 CREATE INDEX payments_account ON payments (account_id, created_at);
+-- At most one auto top-up in flight per account: the trigger's conditional insert decides it.
+CREATE UNIQUE INDEX payments_auto_topup_in_flight ON payments (account_id) WHERE kind = 'auto_topup' AND status = 'open';
+
+-- Auto top-up rules (issue 16): below threshold_micros, charge payment_method (off session, as the account's
+-- Stripe customer) for amount_micros. `failures` counts failures in a row (a success resets it); the third
+-- disables the rule, saying why and when.
+CREATE TABLE auto_topup_rules (
+    account_id       text PRIMARY KEY REFERENCES accounts (id),
+    enabled          boolean NOT NULL,
+    threshold_micros bigint NOT NULL CHECK (threshold_micros >= 0),
+    amount_micros    bigint NOT NULL CHECK (amount_micros > 0),
+    payment_method   text,
+    failures         integer NOT NULL DEFAULT 0 CHECK (failures >= 0),
+    disabled_reason  text,
+    disabled_at      timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CHECK (NOT enabled OR payment_method IS NOT NULL)
+);
+
+-- auto top-up fire: record the trigger of the account's enabled rule as an open auto_topup payment, unless one is
+-- in flight already. Returns the payment's id (NULL: no enabled rule, or one in flight).
+CREATE OR REPLACE FUNCTION meterline_auto_topup_fire(p_account_id text) RETURNS text LANGUAGE sql AS $$
+    INSERT INTO payments (id, account_id, kind, amount_micros, payment_method)
+    SELECT 'pay_' || substr(replace(gen_random_uuid()::text, '-', ''), 1, 24), r.account_id, 'auto_topup',
+           r.amount_micros, r.payment_method
+      FROM auto_topup_rules r WHERE r.account_id = p_account_id AND r.enabled
+    ON CONFLICT (account_id) WHERE kind = 'auto_topup' AND status = 'open' DO NOTHING
+    RETURNING id
+$$;
+
+-- auto top-up failed: the open auto_topup payment turns failed (once: a conditional UPDATE), the rule counts the
+-- failure and is disabled at the third in a row (an `auto_topup.disabled` webhook event, written once), and is
+-- otherwise re-armed so that the next charge below the threshold tries again. Every failure writes an
+-- `auto_topup.failed` event. Returns nothing when the payment is not an open auto top-up.
+CREATE OR REPLACE FUNCTION meterline_auto_topup_failed(p_payment_id text, p_reason text)
+RETURNS TABLE (account_id text, failures integer, disabled boolean) LANGUAGE plpgsql AS $$
+DECLARE
+    v_account text;
+    v_amount  bigint;
+    r         auto_topup_rules;
+BEGIN
+    UPDATE payments p SET status = 'failed', failure = p_reason
+     WHERE p.id = p_payment_id AND p.kind = 'auto_topup' AND p.status = 'open'
+    RETURNING p.account_id, p.amount_micros INTO v_account, v_amount;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE auto_topup_rules x
+       SET failures = x.failures + 1, enabled = x.enabled AND x.failures + 1 < 3,
+           disabled_reason = CASE WHEN x.enabled AND x.failures + 1 >= 3
+               THEN '3 auto top-ups in a row failed; the last: ' || p_reason ELSE x.disabled_reason END,
+           disabled_at = CASE WHEN x.enabled AND x.failures + 1 >= 3 THEN now() ELSE x.disabled_at END,
+           updated_at = now()
+     WHERE x.account_id = v_account
+    RETURNING x.* INTO r;
+    UPDATE accounts a SET auto_topup_micros = CASE WHEN r.enabled THEN r.threshold_micros END,
+                          auto_topup_fired_at = NULL
+     WHERE a.id = v_account;
+    PERFORM meterline_webhook_emit(v_account, 'auto_topup.failed', jsonb_build_object(
+        'account_id', v_account, 'payment_id', p_payment_id, 'amount_micros', v_amount, 'reason', p_reason,
+        'failures', r.failures), 'auto_topup.failed:' || p_payment_id, NULL);
+    IF NOT r.enabled AND r.disabled_at = now() THEN
+        PERFORM meterline_webhook_emit(v_account, 'auto_topup.disabled', jsonb_build_object(
+            'account_id', v_account, 'reason', r.disabled_reason, 'disabled_at', r.disabled_at,
+            'failures', r.failures), 'auto_topup.disabled:' || v_account || ':' || r.disabled_at, NULL);
+    END IF;
+    RETURN QUERY SELECT v_account, r.failures, COALESCE(NOT r.enabled AND r.disabled_at = now(), false);
+END $$;
 
 -- Which numbered migrations this database has (billing.schema): a database built from this file has them all.
 CREATE TABLE meterline_migrations (
@@ -1011,4 +1100,5 @@ INSERT INTO meterline_migrations (version, name) VALUES
     (6, 'webhooks'),
     (7, 'client_request_id'),
     (8, 'providers'),
-    (9, 'stripe_payments');
+    (9, 'stripe_payments'),
+    (10, 'auto_topup');

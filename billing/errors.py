@@ -2,6 +2,7 @@
 
     BillingError
     ├── InvalidAmount          an amount that is not a whole number of micros in range
+    │   └── InvalidRule        an auto top-up rule that cannot be kept (names the field)
     ├── AccountNotFound        no customer account with that id
     ├── KeyNotFound            no API key with that id
     ├── InsufficientBalance    a debit the available balance cannot cover
@@ -28,6 +29,12 @@ class BillingError(Exception):
 
 class InvalidAmount(BillingError):
     pass
+
+
+class InvalidRule(InvalidAmount):
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class AccountNotFound(BillingError):

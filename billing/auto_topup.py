@@ -1,0 +1,176 @@
+"""Auto top-up: below a threshold, charge the account's saved card for an amount (issue 16).
+
+A rule per account (`auto_topup_rules`) is copied, while enabled, onto the account's row as `auto_topup_micros`, so
+that a settlement (meterline_settle) decides on the row it locks anyway: the charge that takes the available balance
+below the threshold records the trigger, an open `auto_topup` payment, in its own transaction, and marks the rule
+fired; a unique partial index keeps one in flight per account. A credit that lifts the balance back to the
+threshold re-arms it (meterline_post). A worker (gateway side) claims each open trigger with FOR UPDATE SKIP LOCKED
+and creates its off-session PaymentIntent under an idempotency key derived from the payment, so a retry after a
+crash is answered by Stripe with the same intent. `payment_intent.succeeded` turns the payment paid and posts the
+top-up once (the conditional UPDATE on status is the gate, as for checkout); a failure is recorded by
+meterline_auto_topup_failed, which disables the rule at the third in a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from billing import ledger
+from billing.db import Executor
+from billing.errors import AccountNotFound, InvalidRule
+from billing.payments import ACCOUNT_METADATA, CURRENCY, MICROS_PER_CENT, Outcome, micros_of_cents
+
+# The PaymentIntent's metadata key naming the payment (the trigger) it pays.
+PAYMENT_METADATA = "meterline_payment_id"
+# The failures in a row that disable a rule (also in meterline_auto_topup_failed).
+FAILURES_TO_DISABLE = 3
+EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed")
+
+_RULE_COLUMNS = """
+    account_id, enabled, threshold_micros, amount_micros, payment_method, failures, disabled_reason, disabled_at,
+    updated_at
+"""
+
+
+def check_rule(*, threshold_micros: int, amount_micros: int, min_usd: Decimal, max_usd: Decimal) -> None:
+    """A rule's amounts: whole cents, a threshold of zero or more, an amount within the checkout bounds."""
+    if threshold_micros < 0:
+        raise InvalidRule(f"threshold_micros must be zero or more, got {threshold_micros}", "threshold_micros")
+    if threshold_micros % MICROS_PER_CENT:
+        raise InvalidRule(f"threshold_micros {threshold_micros} is not a whole number of cents "
+                          f"({MICROS_PER_CENT} micros)", "threshold_micros")
+    if amount_micros % MICROS_PER_CENT:
+        raise InvalidRule(f"amount_micros {amount_micros} is not a whole number of cents "
+                          f"({MICROS_PER_CENT} micros)", "amount_micros")
+    usd = Decimal(amount_micros) / 1_000_000
+    if usd < min_usd or usd > max_usd:
+        raise InvalidRule(f"amount_micros must be between {min_usd} and {max_usd} USD, got {usd} USD",
+                          "amount_micros")
+
+
+async def get_rule(conn: Executor, account_id: str) -> dict[str, Any] | None:
+    """The account's rule, None if it never had one (AccountNotFound: no such account)."""
+    if await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer'", account_id) is None:
+        raise AccountNotFound(account_id)
+    row = await conn.fetchrow(f"SELECT {_RULE_COLUMNS} FROM auto_topup_rules WHERE account_id = $1", account_id)
+    return None if row is None else dict(row)
+
+
+async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, threshold_micros: int, amount_micros: int,
+                   payment_method: str | None) -> dict[str, Any]:
+    """Write the account's rule (a None payment_method keeps the saved one). Writing it clears its failures and
+    the reason it was disabled, and arms it. An enabled rule needs a payment method (InvalidRule)."""
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer' FOR UPDATE",
+                               account_id) is None:
+            raise AccountNotFound(account_id)
+        try:
+            row = await conn.fetchrow(
+                "INSERT INTO auto_topup_rules AS r (account_id, enabled, threshold_micros, amount_micros,"
+                " payment_method) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (account_id) DO UPDATE SET enabled = $2, threshold_micros = $3, amount_micros = $4,"
+                "   payment_method = COALESCE($5, r.payment_method), failures = 0, disabled_reason = NULL,"
+                "   disabled_at = NULL, updated_at = now()"
+                f" RETURNING {_RULE_COLUMNS}", account_id, enabled, threshold_micros, amount_micros, payment_method)
+        except asyncpg.CheckViolationError:
+            raise InvalidRule("an enabled auto top-up needs a payment_method (a Stripe payment method id)",
+                              "payment_method") from None
+        assert row is not None
+        await conn.execute(
+            "UPDATE accounts SET auto_topup_micros = CASE WHEN $2 THEN $3::bigint END, auto_topup_fired_at = NULL"
+            " WHERE id = $1", account_id, enabled, threshold_micros)
+    return dict(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """An open auto top-up awaiting its PaymentIntent."""
+
+    payment_id: str
+    account_id: str
+    amount_micros: int
+    payment_method: str | None
+    customer: str | None
+
+    @property
+    def cents(self) -> int:
+        return self.amount_micros // MICROS_PER_CENT
+
+    @property
+    def idempotency_key(self) -> str:
+        """Derived from the trigger: every attempt for it is one PaymentIntent at Stripe."""
+        return f"meterline-auto-topup-{self.payment_id}"
+
+
+async def claim(conn: Executor, *, limit: int) -> list[Trigger]:
+    """Lock up to `limit` triggers that have no PaymentIntent yet (inside the caller's transaction; rows another
+    process holds are skipped)."""
+    rows = await conn.fetch(
+        "SELECT p.id, p.account_id, p.amount_micros, p.payment_method, a.stripe_customer_id"
+        "  FROM payments p JOIN accounts a ON a.id = p.account_id"
+        " WHERE p.kind = 'auto_topup' AND p.status = 'open' AND p.payment_intent IS NULL"
+        " ORDER BY p.created_at LIMIT $1 FOR UPDATE OF p SKIP LOCKED", limit)
+    return [Trigger(r["id"], r["account_id"], r["amount_micros"], r["payment_method"], r["stripe_customer_id"])
+            for r in rows]
+
+
+async def record_intent(conn: Executor, payment_id: str, intent_id: str) -> None:
+    await conn.execute("UPDATE payments SET payment_intent = $2 WHERE id = $1 AND payment_intent IS NULL",
+                       payment_id, intent_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    account_id: str
+    failures: int
+    disabled: bool
+
+
+async def record_failure(conn: Executor, payment_id: str, reason: str) -> Failure | None:
+    """Record that the trigger's payment failed (None: it is not an open auto top-up, nothing was recorded)."""
+    row = await conn.fetchrow("SELECT * FROM meterline_auto_topup_failed($1, $2)", payment_id, reason[:500])
+    return None if row is None else Failure(row["account_id"], row["failures"], row["disabled"])
+
+
+async def apply_event(pool: asyncpg.Pool, event: dict[str, Any]) -> Outcome:
+    """Apply a verified payment_intent.* event: a success credits its auto top-up once, a failure is recorded once.
+    Intents that are not Meterline's auto top-ups (a checkout's own) are ignored."""
+    obj = (event.get("data") or {}).get("object") or {}
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    payment_id = metadata.get(PAYMENT_METADATA) if isinstance(metadata, dict) else None
+    if not isinstance(payment_id, str):
+        return Outcome("ignored", reason="the payment intent is not an auto top-up's")
+    if event.get("type") == "payment_intent.payment_failed":
+        error = obj.get("last_payment_error") or {}
+        reason = (error.get("code") or error.get("message") or "payment failed") if isinstance(error, dict) else (
+            "payment failed")
+        async with pool.acquire() as conn, conn.transaction():
+            failed = await record_failure(conn, payment_id, str(reason))
+        if failed is None:
+            return Outcome("ignored", payment_id=payment_id, reason="the auto top-up is not open")
+        return Outcome("failed", payment_id=payment_id, reason=str(reason))
+    cents = obj.get("amount_received")
+    if not isinstance(cents, int) or isinstance(cents, bool) or cents <= 0 or obj.get("currency") != CURRENCY:
+        return Outcome("ignored", payment_id=payment_id, reason="the intent received no amount in usd")
+    paid = micros_of_cents(cents)
+    account_id = metadata.get(ACCOUNT_METADATA) if isinstance(metadata, dict) else None
+    intent = obj.get("id")
+    async with pool.acquire() as conn, conn.transaction():
+        # The gate, as for checkout: one delivery finds the payment open.
+        found = await conn.fetchval(
+            "UPDATE payments SET status = 'paid', paid_micros = $3, completed_at = now(),"
+            " payment_intent = COALESCE(payment_intent, $4)"
+            " WHERE id = $1 AND account_id = $2 AND kind = 'auto_topup' AND status = 'open' RETURNING id",
+            payment_id, account_id, paid, intent if isinstance(intent, str) else None)
+        if found is None:
+            return Outcome("ignored", payment_id=payment_id, reason="the auto top-up is already paid, or not open")
+        assert isinstance(account_id, str)
+        posting = await ledger.post(conn, account_id=account_id, kind="topup", amount_micros=paid,
+                                    description=f"Stripe auto top-up {payment_id} (payment intent {intent})")
+        await conn.execute("UPDATE payments SET transfer_id = $2 WHERE id = $1", payment_id, posting.transfer_id)
+        await conn.execute("UPDATE auto_topup_rules SET failures = 0 WHERE account_id = $1", account_id)
+    return Outcome("credited", paid, payment_id)

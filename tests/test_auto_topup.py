@@ -1,0 +1,132 @@
+"""Auto top-up (issue 16): a charge that takes the available balance below an enabled rule's threshold records one
+trigger in its own transaction (one in flight per account, however many charges cross at once), a worker creates
+one off-session PaymentIntent per trigger at a fake Stripe on loopback (under an idempotency key derived from the
+trigger, so a second run after a crash charges nothing more), its success credits once, a credit over the
+threshold re-arms the rule, and three failures in a row disable it, saying why, with one webhook event."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import asyncpg
+
+from billing import auto_topup, ledger
+from billing.verify import verify
+from tests.factories import billed_request, make_customer
+
+DOLLARS_10 = 10_000_000
+THRESHOLD = 5_000_000
+CARD = "pm_card_visa"
+
+
+async def with_rule(pool: asyncpg.Pool, *, balance_micros: int = 6_000_000, amount_micros: int = DOLLARS_10,
+                    threshold_micros: int = THRESHOLD) -> tuple[str, str]:
+    account_id, secret = await make_customer(pool, balance_micros=balance_micros)
+    await auto_topup.set_rule(pool, account_id, enabled=True, threshold_micros=threshold_micros,
+                              amount_micros=amount_micros, payment_method=CARD)
+    return account_id, secret
+
+
+async def triggers(pool: asyncpg.Pool, account_id: str) -> list[tuple[str, int]]:
+    rows = await pool.fetch("SELECT status, amount_micros FROM payments WHERE account_id = $1 AND kind = 'auto_topup'"
+                            " ORDER BY created_at, id", account_id)
+    return [(r["status"], r["amount_micros"]) for r in rows]
+
+
+def intent_event(kind: str, account_id: str, payment_id: str, *, cents: int = 1000,
+                 intent: str | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": intent or f"pi_{secrets.token_hex(8)}", "object": "payment_intent", "amount": cents,
+        "amount_received": cents if kind == "payment_intent.succeeded" else 0, "currency": "usd",
+        "status": "succeeded" if kind == "payment_intent.succeeded" else "requires_payment_method",
+        "metadata": {"meterline_account_id": account_id, auto_topup.PAYMENT_METADATA: payment_id},
+        "last_payment_error": None if kind == "payment_intent.succeeded" else {
+            "type": "card_error", "code": "card_declined", "message": "Your card was declined."}}
+    return {"id": f"evt_{secrets.token_hex(8)}", "object": "event", "type": kind, "data": {"object": obj}}
+
+
+async def open_trigger(pool: asyncpg.Pool, account_id: str) -> str:
+    payment_id: str = await pool.fetchval(
+        "SELECT id FROM payments WHERE account_id = $1 AND kind = 'auto_topup' AND status = 'open'", account_id)
+    return payment_id
+
+
+async def test_twenty_concurrent_charges_crossing_the_threshold_record_one_trigger(pool: asyncpg.Pool) -> None:
+    account_id, _ = await with_rule(pool)
+    # 6.00 available; twenty charges of 0.10 take it to 4.00, the first below 5.00 is the eleventh.
+    await asyncio.gather(*(billed_request(pool, account_id, hold_micros=100_000, cost_micros=100_000)
+                           for _ in range(20)))
+    assert await ledger.available_micros(pool, account_id) == 4_000_000
+    assert await triggers(pool, account_id) == [("open", DOLLARS_10)]
+    # Fired: further charges below the threshold record nothing more.
+    await billed_request(pool, account_id, hold_micros=100_000, cost_micros=100_000)
+    assert await triggers(pool, account_id) == [("open", DOLLARS_10)]
+    assert await verify(pool) == []
+
+
+async def test_an_account_without_a_rule_or_above_the_threshold_records_nothing(pool: asyncpg.Pool) -> None:
+    plain, _ = await make_customer(pool, balance_micros=1_000_000)
+    await billed_request(pool, plain, hold_micros=900_000, cost_micros=900_000)
+    ruled, _ = await with_rule(pool)
+    await billed_request(pool, ruled, hold_micros=1_000_000, cost_micros=1_000_000)  # to exactly 5.00: not below
+    assert await triggers(pool, plain) == [] and await triggers(pool, ruled) == []
+    assert await ledger.available_micros(pool, ruled) == THRESHOLD
+    assert await verify(pool) == []
+
+
+async def test_success_delivered_twice_credits_once_and_a_lifted_balance_re_arms_the_rule(pool: asyncpg.Pool) -> None:
+    account_id, _ = await with_rule(pool)
+    await billed_request(pool, account_id, hold_micros=2_000_000, cost_micros=2_000_000)
+    payment_id = await open_trigger(pool, account_id)
+    event = intent_event("payment_intent.succeeded", account_id, payment_id)
+    first, second = await asyncio.gather(auto_topup.apply_event(pool, event), auto_topup.apply_event(pool, event))
+    assert sorted([first.action, second.action]) == ["credited", "ignored"]
+    assert await ledger.available_micros(pool, account_id) == 4_000_000 + DOLLARS_10
+    assert await triggers(pool, account_id) == [("paid", DOLLARS_10)]
+    # 14.00 is over the threshold: re-armed, so the next crossing fires again.
+    await billed_request(pool, account_id, hold_micros=9_500_000, cost_micros=9_500_000)
+    assert await ledger.available_micros(pool, account_id) == 4_500_000
+    assert await triggers(pool, account_id) == [("paid", DOLLARS_10), ("open", DOLLARS_10)]
+    assert await verify(pool) == []
+
+
+async def test_three_failures_in_a_row_disable_the_rule_with_one_event(pool: asyncpg.Pool) -> None:
+    account_id, _ = await with_rule(pool, balance_micros=5_500_000)
+    for attempt in range(1, 4):
+        await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+        payment_id = await open_trigger(pool, account_id)
+        event = intent_event("payment_intent.payment_failed", account_id, payment_id)
+        assert (await auto_topup.apply_event(pool, event)).action == "failed"
+        assert (await auto_topup.apply_event(pool, event)).action == "ignored"  # delivered again: once
+        rule = await auto_topup.get_rule(pool, account_id)
+        assert rule is not None and (rule["failures"], rule["enabled"]) == (attempt, attempt < 3)
+    assert rule["disabled_reason"] == "3 auto top-ups in a row failed; the last: card_declined"
+    assert rule["disabled_at"] is not None
+    # Disabled: a further charge records no trigger.
+    await billed_request(pool, account_id, hold_micros=500_000, cost_micros=500_000)
+    assert await triggers(pool, account_id) == [("failed", DOLLARS_10)] * 3
+    assert await ledger.available_micros(pool, account_id) == 2_000_000
+    counts = await pool.fetch("SELECT type, count(*) AS n FROM webhook_events WHERE account_id = $1"
+                              " AND type LIKE 'auto_topup.%' GROUP BY type ORDER BY type", account_id)
+    assert [(r["type"], r["n"]) for r in counts] == [("auto_topup.disabled", 1), ("auto_topup.failed", 3)]
+    assert await verify(pool) == []
+
+
+async def test_a_success_resets_the_failures_in_a_row(pool: asyncpg.Pool) -> None:
+    account_id, _ = await with_rule(pool, balance_micros=5_200_000)
+    for _ in range(2):
+        await billed_request(pool, account_id, hold_micros=500_000, cost_micros=500_000)
+        payment_id = await open_trigger(pool, account_id)
+        event = intent_event("payment_intent.payment_failed", account_id, payment_id)
+        assert (await auto_topup.apply_event(pool, event)).action == "failed"
+    assert (await auto_topup.get_rule(pool, account_id) or {}).get("failures") == 2
+    await billed_request(pool, account_id, hold_micros=500_000, cost_micros=500_000)
+    payment_id = await open_trigger(pool, account_id)
+    assert (await auto_topup.apply_event(
+        pool, intent_event("payment_intent.succeeded", account_id, payment_id))).amount_micros == DOLLARS_10
+    rule = await auto_topup.get_rule(pool, account_id)
+    assert rule is not None and (rule["failures"], rule["enabled"]) == (0, True)
+    assert await ledger.available_micros(pool, account_id) == 3_700_000 + DOLLARS_10
+    assert await verify(pool) == []
