@@ -18,6 +18,7 @@ from gateway import (
     access,
     admin,
     auth,
+    auto_topup_worker,
     chat,
     console,
     consumer,
@@ -146,6 +147,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(models_api.catalog_ctx)  # after tasks_ctx: its refresh task
     app.cleanup_ctx.append(media_poller.media_poller_ctx)  # after tasks_ctx: its polling task
     app.cleanup_ctx.append(webhook_worker.webhook_worker_ctx)  # after tasks_ctx: its delivery loop
+    app.cleanup_ctx.append(auto_topup_worker.auto_topup_worker_ctx)  # after tasks_ctx: its charging loop
     app.cleanup_ctx.append(metrics.metrics_ctx)  # after catalog_ctx: samples the pool and the catalog
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

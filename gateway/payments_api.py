@@ -19,7 +19,7 @@ import stripe
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from billing import payments
+from billing import auto_topup, payments
 from billing.errors import InvalidAmount
 from gateway import wire
 from gateway.auth import requires_key
@@ -167,7 +167,10 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     event = json.loads(payload)  # verified and parsed above; billing reads Stripe's shapes as plain dicts
     if not isinstance(event, dict):
         raise invalid("the event is not a JSON object")
-    outcome = await payments.apply_event(request.app[POOL], event)
+    if event.get("type") in auto_topup.EVENTS:
+        outcome = await auto_topup.apply_event(request.app[POOL], event)
+    else:
+        outcome = await payments.apply_event(request.app[POOL], event)
     if outcome.action == "credited":
         request.app[METRICS].topped_up(outcome.amount_micros)
     return json_response({"object": "stripe_event", "id": event.get("id"), "action": outcome.action,

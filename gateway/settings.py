@@ -62,6 +62,8 @@ class StripeSettings(BaseModel):
     success_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     cancel_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     timeout_seconds: float = Field(default=30.0, gt=0, le=300)
+    # How often each process looks for auto top-up triggers to charge (issue 16).
+    auto_topup_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
 
     @field_validator("api_base")
     @classmethod

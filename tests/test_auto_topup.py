@@ -11,10 +11,16 @@ import secrets
 from typing import Any
 
 import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from billing import auto_topup, ledger
+from billing import auto_topup, ledger, payments
 from billing.verify import verify
+from gateway.app import create_app
+from gateway.auto_topup_worker import charge_triggers
+from gateway.settings import Settings
 from tests.factories import billed_request, make_customer
+from tests.fakes.stripe import KEY_ENV, FakeStripe, stripe_on, with_stripe
 
 DOLLARS_10 = 10_000_000
 THRESHOLD = 5_000_000
@@ -129,4 +135,109 @@ async def test_a_success_resets_the_failures_in_a_row(pool: asyncpg.Pool) -> Non
     rule = await auto_topup.get_rule(pool, account_id)
     assert rule is not None and (rule["failures"], rule["enabled"]) == (0, True)
     assert await ledger.available_micros(pool, account_id) == 3_700_000 + DOLLARS_10
+    assert await verify(pool) == []
+
+
+# The gateway's own loop is slowed to once an hour: the tests run the worker's tick themselves.
+@pytest.fixture
+def stripe_settings(settings: Settings, stripe_server: TestServer, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    stripe_on(monkeypatch)
+    return with_stripe(settings, stripe_server, auto_topup_poll_seconds=3600)
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, stripe_settings: Settings, pool: asyncpg.Pool) -> TestClient:
+    client: TestClient = await aiohttp_client(create_app(stripe_settings))
+    return client
+
+
+async def customer_with_rule(pool: asyncpg.Pool, **rule: Any) -> tuple[str, str]:
+    account_id, secret = await with_rule(pool, **rule)
+    await payments.link_customer(pool, account_id, "cus_autotopup")
+    return account_id, secret
+
+
+async def deliver(gateway: TestClient, fake_stripe: FakeStripe, event: dict[str, Any]) -> dict[str, Any]:
+    signed = fake_stripe.sign(event)
+    response = await gateway.post("/webhooks/stripe", data=signed.payload,
+                                  headers={"Content-Type": "application/json", "Stripe-Signature": signed.header})
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def test_the_worker_creates_one_off_session_intent_for_twenty_crossing_charges_and_it_credits_once(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, _ = await customer_with_rule(pool)
+    await asyncio.gather(*(billed_request(pool, account_id, hold_micros=100_000, cost_micros=100_000)
+                           for _ in range(20)))
+    assert await asyncio.gather(charge_triggers(gateway.app), charge_triggers(gateway.app)) in ([1, 0], [0, 1])
+    assert await charge_triggers(gateway.app) == 0  # nothing left to charge
+    (intent,) = fake_stripe.intents.values()
+    payment_id = await open_trigger(pool, account_id)
+    assert (intent["amount"], intent["currency"], intent["customer"], intent["payment_method"]) == (
+        1000, "usd", "cus_autotopup", CARD)
+    assert (intent["off_session"], intent["confirm"]) == ("true", "true")
+    assert intent["metadata"] == {"meterline_account_id": account_id, "meterline_payment_id": payment_id}
+    assert fake_stripe.intent_requests[0]["idempotency_key"] == f"meterline-auto-topup-{payment_id}"
+    assert await pool.fetchval("SELECT payment_intent FROM payments WHERE id = $1", payment_id) == intent["id"]
+    event = fake_stripe.intent_event(intent["id"])
+    answers = await asyncio.gather(deliver(gateway, fake_stripe, event), deliver(gateway, fake_stripe, event))
+    assert sorted((a["action"], a["amount_micros"]) for a in answers) == [("credited", DOLLARS_10), ("ignored", 0)]
+    assert await ledger.available_micros(pool, account_id) == 4_000_000 + DOLLARS_10
+    assert await triggers(pool, account_id) == [("paid", DOLLARS_10)]
+    assert await verify(pool) == []
+
+
+async def test_a_second_worker_run_after_stripe_accepted_the_intent_charges_nothing_more(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, _ = await customer_with_rule(pool)
+    await billed_request(pool, account_id, hold_micros=2_000_000, cost_micros=2_000_000)
+    assert await charge_triggers(gateway.app) == 1
+    # The crash: Stripe accepted the intent, but its id never reached the database.
+    await pool.execute("UPDATE payments SET payment_intent = NULL WHERE account_id = $1", account_id)
+    assert await charge_triggers(gateway.app) == 1
+    assert len(fake_stripe.intent_requests) == 2 and len(fake_stripe.intents) == 1
+    assert fake_stripe.intent_requests[0]["idempotency_key"] == fake_stripe.intent_requests[1]["idempotency_key"]
+    (intent,) = fake_stripe.intents.values()
+    payment_id = await open_trigger(pool, account_id)
+    assert await pool.fetchval("SELECT payment_intent FROM payments WHERE id = $1", payment_id) == intent["id"]
+    assert (await deliver(gateway, fake_stripe, fake_stripe.intent_event(intent["id"])))["action"] == "credited"
+    assert await ledger.available_micros(pool, account_id) == 4_000_000 + DOLLARS_10
+    assert await verify(pool) == []
+
+
+async def test_card_errors_and_an_asynchronous_failure_count_three_in_a_row_and_disable_the_rule(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, _ = await customer_with_rule(pool, balance_micros=5_500_000)
+    fake_stripe.intent_outcome = "card_error"
+    for _ in range(2):
+        await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+        assert await charge_triggers(gateway.app) == 1
+    fake_stripe.intent_outcome = "async_fail"
+    await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+    assert await charge_triggers(gateway.app) == 1
+    (processing,) = [i for i in fake_stripe.intents.values() if i["status"] == "processing"]
+    answer = await deliver(gateway, fake_stripe, fake_stripe.intent_event(processing["id"]))
+    assert (answer["action"], answer["reason"]) == ("failed", "card_declined")
+    rule = await auto_topup.get_rule(pool, account_id)
+    assert rule is not None and (rule["enabled"], rule["failures"]) == (False, 3)
+    assert rule["disabled_reason"] == "3 auto top-ups in a row failed; the last: card_declined"
+    assert await pool.fetchval("SELECT count(*) FROM webhook_events WHERE type = 'auto_topup.disabled'") == 1
+    assert await triggers(pool, account_id) == [("failed", DOLLARS_10)] * 3
+    assert await ledger.available_micros(pool, account_id) == 2_500_000
+    assert await verify(pool) == []
+
+
+async def test_the_worker_charges_nothing_while_stripe_is_off(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account_id, _ = await customer_with_rule(pool)
+    await billed_request(pool, account_id, hold_micros=2_000_000, cost_micros=2_000_000)
+    monkeypatch.delenv(KEY_ENV)
+    assert await charge_triggers(gateway.app) == 0
+    assert fake_stripe.intent_requests == [] and await triggers(pool, account_id) == [("open", DOLLARS_10)]
     assert await verify(pool) == []

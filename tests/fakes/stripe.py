@@ -68,11 +68,18 @@ class FakeStripe:
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     idempotent: dict[str, dict[str, Any]] = field(default_factory=dict)  # Idempotency-Key -> customer
     base: str = "http://127.0.0.1"
+    # PaymentIntents (auto top-up): what a confirmed create does, `succeed`, `card_error` (declined at once, a 402)
+    # or `async_fail` (accepted as processing; its payment_intent.payment_failed event comes later).
+    intent_outcome: str = "succeed"
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    intent_requests: list[dict[str, Any]] = field(default_factory=list)  # every create, with its Idempotency-Key
+    intent_answers: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # key -> replayed answer
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/customers", self.create_customer)
         app.router.add_post("/v1/checkout/sessions", self.create_session)
+        app.router.add_post("/v1/payment_intents", self.create_intent)
         return app
 
     def _authorized(self, request: web.Request) -> bool:
@@ -115,6 +122,47 @@ class FakeStripe:
         }
         self.sessions[session_id] = session
         return web.json_response(session)
+
+    async def create_intent(self, request: web.Request) -> web.Response:
+        """A confirmed PaymentIntent, answered as `intent_outcome` says; a repeated Idempotency-Key gets the first
+        answer again (Stripe replays it, errors included) and creates nothing."""
+        if not self._authorized(request):
+            return self._refused()
+        params = nested(dict(await request.post()))  # type: ignore[arg-type]
+        key = request.headers.get("Idempotency-Key")
+        self.intent_requests.append({"idempotency_key": key, **params})
+        if key is not None and key in self.intent_answers:
+            status, answer = self.intent_answers[key]
+            return web.json_response(answer, status=status)
+        intent_id = f"pi_{secrets.token_hex(12)}"
+        intent = {"id": intent_id, "object": "payment_intent", "amount": int(params["amount"]),
+                  "amount_received": 0, "currency": params["currency"], "customer": params.get("customer"),
+                  "payment_method": params.get("payment_method"), "metadata": params.get("metadata", {}),
+                  "off_session": params.get("off_session"), "confirm": params.get("confirm"),
+                  "status": "processing", "last_payment_error": None, "created": int(time.time()), "livemode": False}
+        status, answer = 200, intent
+        if self.intent_outcome == "card_error":
+            intent["status"] = "requires_payment_method"
+            error = {"type": "card_error", "code": "card_declined", "decline_code": "insufficient_funds",
+                     "message": "Your card has insufficient funds."}
+            intent["last_payment_error"] = error
+            status, answer = 402, {"error": {**error, "payment_intent": dict(intent)}}
+        elif self.intent_outcome == "succeed":
+            intent.update(status="succeeded", amount_received=intent["amount"])
+        self.intents[intent_id] = intent
+        if key is not None:
+            self.intent_answers[key] = (status, answer)
+        return web.json_response(answer, status=status)
+
+    def intent_event(self, intent_id: str) -> dict[str, Any]:
+        """The event Stripe sends about the intent: payment_intent.succeeded, or payment_failed for an intent
+        that failed (asynchronously: it is marked failed now)."""
+        intent = self.intents[intent_id]
+        if intent["status"] == "processing":
+            intent.update(status="requires_payment_method", last_payment_error={
+                "type": "card_error", "code": "card_declined", "message": "Your card was declined."})
+        kind = "payment_intent.succeeded" if intent["status"] == "succeeded" else "payment_intent.payment_failed"
+        return self.event(kind, dict(intent))
 
     # Events, as Stripe would send them.
 
