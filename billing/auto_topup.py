@@ -71,7 +71,9 @@ async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, thresh
         try:
             row = await conn.fetchrow(
                 "INSERT INTO auto_topup_rules AS r (account_id, enabled, threshold_micros, amount_micros,"
-                " payment_method) VALUES ($1, $2, $3, $4, $5)"
+                " payment_method) VALUES ($1, $2, $3, $4,"
+                # the saved method, in the proposed row too: its CHECK is tested before the conflict is found
+                "  COALESCE($5, (SELECT payment_method FROM auto_topup_rules WHERE account_id = $1)))"
                 " ON CONFLICT (account_id) DO UPDATE SET enabled = $2, threshold_micros = $3, amount_micros = $4,"
                 "   payment_method = COALESCE($5, r.payment_method), failures = 0, disabled_reason = NULL,"
                 "   disabled_at = NULL, updated_at = now()"

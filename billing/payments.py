@@ -34,7 +34,7 @@ ACCOUNT_METADATA = "meterline_account_id"
 
 _PAYMENT_COLUMNS = """
     id, account_id, kind, status, session_id, payment_intent, amount_micros, paid_micros, transfer_id,
-    refunded_micros, disputed_micros, created_at, completed_at
+    refunded_micros, disputed_micros, created_at, completed_at, failure
 """
 
 

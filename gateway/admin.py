@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from billing import accounts, keys, ledger, limits
 from billing.money import MAX_MICROS, usd_to_micros
-from gateway import conversations_api, payments_api, webhooks_api, wire
+from gateway import auto_topup_api, conversations_api, payments_api, webhooks_api, wire
 from gateway.auth import admin_middleware
 from gateway.bodies import header, read_model
 from gateway.contract import IDEMPOTENCY_CONFLICT, INSUFFICIENT_BALANCE, NOT_FOUND, Answer, Body, operation
@@ -292,4 +292,5 @@ def admin_app() -> web.Application:
     app.add_routes(conversations_api.admin_routes)
     app.add_routes(webhooks_api.admin_routes)
     app.add_routes(payments_api.admin_routes)
+    app.add_routes(auto_topup_api.admin_routes)
     return app

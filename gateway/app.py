@@ -18,6 +18,7 @@ from gateway import (
     access,
     admin,
     auth,
+    auto_topup_api,
     auto_topup_worker,
     chat,
     console,
@@ -158,6 +159,7 @@ def create_app(settings: Settings) -> web.Application:
     conversations_api.add_routes(app)
     webhooks_api.add_routes(app)
     payments_api.add_routes(app)
+    auto_topup_api.add_routes(app)
     usage.add_routes(app)
     images.add_routes(app)
     videos.add_routes(app)

@@ -57,7 +57,7 @@ def _off(what: str, variable: str) -> ApiError:
                     "environment variable", type="server_error")
 
 
-def _secret_key(config: StripeSettings) -> str:
+def secret_key(config: StripeSettings) -> str:
     key = config.secret_key()
     if key is None:
         raise _off("Stripe", config.secret_key_env)
@@ -90,7 +90,7 @@ def _return_url(settings: Settings, configured: str | None, outcome: str) -> str
 async def checkout(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     config = settings.stripe
-    key = _secret_key(config)
+    key = secret_key(config)
     body = await read_model(request, NewCheckout)
     try:
         cents = payments.checkout_cents(body.amount_usd, min_usd=config.min_amount_usd, max_usd=config.max_amount_usd)
@@ -129,7 +129,8 @@ async def checkout(request: web.Request) -> web.Response:
 
 def render_payment(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "object": "payment", "account_id": row["account_id"], "kind": row["kind"],
-            "status": row["status"], "session_id": row["session_id"], "amount_micros": row["amount_micros"],
+            "status": row["status"], "session_id": row["session_id"], "failure": row["failure"],
+            "amount_micros": row["amount_micros"],
             "paid_micros": row["paid_micros"], "refunded_micros": row["refunded_micros"],
             "disputed_micros": row["disputed_micros"], "transfer_id": row["transfer_id"],
             "created_at": row["created_at"], "completed_at": row["completed_at"]}

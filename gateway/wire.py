@@ -353,13 +353,15 @@ class CheckoutSession(_Shape):
 
 
 class Payment(_Shape):
-    """Money paid through Stripe: open until its session is paid, then the top-up it posted and any reversals."""
+    """Money paid through Stripe: open until its session (or an auto top-up's PaymentIntent) is paid, then the
+    top-up it posted and any reversals; an auto top-up that failed says why."""
 
     id: str
     object: Literal["payment"]
-    kind: str
-    status: Literal["open", "paid"]
-    session_id: str
+    kind: Literal["checkout", "auto_topup"]
+    status: Literal["open", "paid", "failed"]
+    session_id: str | None
+    failure: str | None
     amount_micros: int
     paid_micros: int | None
     refunded_micros: int
@@ -378,5 +380,20 @@ class StripeEventReceipt(_Shape):
 
     object: Literal["stripe_event"]
     id: str | None
-    action: Literal["credited", "reversed", "ignored"]
+    action: Literal["credited", "reversed", "failed", "ignored"]
     amount_micros: int
+
+
+class AutoTopup(_Shape):
+    """An account's auto top-up rule: below `threshold_micros`, charge `payment_method` for `amount_micros`. Three
+    failures in a row disable it (`disabled_reason`, `disabled_at`)."""
+
+    object: Literal["auto_topup"]
+    account_id: str
+    enabled: bool
+    threshold_micros: int | None
+    amount_micros: int | None
+    payment_method: str | None
+    failures: int
+    disabled_reason: str | None
+    disabled_at: str | None

@@ -19,6 +19,7 @@ from billing.verify import verify
 from gateway.app import create_app
 from gateway.auto_topup_worker import charge_triggers
 from gateway.settings import Settings
+from tests.conftest import admin_headers
 from tests.factories import billed_request, make_customer
 from tests.fakes.stripe import KEY_ENV, FakeStripe, stripe_on, with_stripe
 
@@ -241,3 +242,83 @@ async def test_the_worker_charges_nothing_while_stripe_is_off(
     assert await charge_triggers(gateway.app) == 0
     assert fake_stripe.intent_requests == [] and await triggers(pool, account_id) == [("open", DOLLARS_10)]
     assert await verify(pool) == []
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def test_the_admin_sets_the_rule_and_its_card_and_the_customer_sees_it_disabled_after_three_failures(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=5_500_000)
+    await payments.link_customer(pool, account_id, "cus_autotopup")
+    rule = {"enabled": True, "threshold_micros": THRESHOLD, "amount_micros": DOLLARS_10, "payment_method": CARD}
+    response = await gateway.put(f"/admin/accounts/{account_id}/auto-topup", json=rule, headers=admin_headers())
+    assert response.status == 200, await response.text()
+    assert {k: (await response.json())[k] for k in rule} == rule
+    # The customer changes the threshold; the saved card is kept.
+    response = await gateway.put("/v1/billing/auto-topup", headers=bearer(secret),
+                                 json={"enabled": True, "threshold_micros": 5_010_000, "amount_micros": DOLLARS_10})
+    assert response.status == 200, await response.text()
+    assert (await response.json())["payment_method"] == CARD
+    fake_stripe.intent_outcome = "card_error"
+    for _ in range(3):
+        await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+        assert await charge_triggers(gateway.app) == 1
+    shown = await (await gateway.get("/v1/billing/auto-topup", headers=bearer(secret))).json()
+    assert (shown["enabled"], shown["failures"]) == (False, 3)
+    assert shown["disabled_reason"] == "3 auto top-ups in a row failed; the last: card_declined"
+    admin = await (await gateway.get(f"/admin/accounts/{account_id}/auto-topup", headers=admin_headers())).json()
+    assert admin == shown and admin["disabled_at"] is not None
+    listed = (await (await gateway.get("/v1/billing/payments", headers=bearer(secret))).json())["data"]
+    assert [(p["kind"], p["status"], p["failure"]) for p in listed] == [("auto_topup", "failed", "card_declined")] * 3
+    assert await ledger.available_micros(pool, account_id) == 2_500_000
+    assert await verify(pool) == []
+
+
+@pytest.mark.parametrize(("change", "param"), [
+    ({"threshold_micros": -1}, "threshold_micros"),
+    ({"threshold_micros": 5_000_001}, "threshold_micros"),
+    ({"amount_micros": 10_000_001}, "amount_micros"),
+    ({"amount_micros": 9_990_000}, "amount_micros"),
+    ({"amount_micros": 10_000_010_000}, "amount_micros"),
+    ({"enabled": "yes"}, "enabled"),
+    ({"payment_method": "card 4242"}, "payment_method"),
+], ids=["negative-threshold", "threshold-not-whole-cents", "amount-not-whole-cents", "amount-below-minimum",
+        "amount-above-maximum", "enabled-not-boolean", "payment-method-not-an-id"])
+async def test_a_bad_rule_is_refused_naming_the_field(
+    gateway: TestClient, pool: asyncpg.Pool, change: dict[str, Any], param: str
+) -> None:
+    account_id, secret = await make_customer(pool)
+    body = {"enabled": True, "threshold_micros": THRESHOLD, "amount_micros": DOLLARS_10, "payment_method": CARD}
+    response = await gateway.put("/v1/billing/auto-topup", json=body | change, headers=bearer(secret))
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert await auto_topup.get_rule(pool, account_id) is None
+
+
+async def test_enabling_a_rule_without_a_card_is_refused_naming_the_payment_method(
+    gateway: TestClient, pool: asyncpg.Pool
+) -> None:
+    account_id, secret = await make_customer(pool)
+    response = await gateway.put("/v1/billing/auto-topup", headers=bearer(secret),
+                                 json={"enabled": True, "threshold_micros": THRESHOLD, "amount_micros": DOLLARS_10})
+    assert response.status == 400 and (await response.json())["error"]["param"] == "payment_method"
+    assert await auto_topup.get_rule(pool, account_id) is None
+    assert await pool.fetchval("SELECT auto_topup_micros FROM accounts WHERE id = $1", account_id) is None
+
+
+async def test_the_rule_routes_answer_503_while_stripe_is_off(
+    gateway: TestClient, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account_id, secret = await make_customer(pool)
+    monkeypatch.delenv(KEY_ENV)
+    rule = {"enabled": True, "threshold_micros": THRESHOLD, "amount_micros": DOLLARS_10, "payment_method": CARD}
+    answers = [await gateway.get("/v1/billing/auto-topup", headers=bearer(secret)),
+               await gateway.put("/v1/billing/auto-topup", json=rule, headers=bearer(secret)),
+               await gateway.put(f"/admin/accounts/{account_id}/auto-topup", json=rule, headers=admin_headers())]
+    assert [r.status for r in answers] == [503, 503, 503]
+    assert {(await r.json())["error"]["code"] for r in answers} == {"PAYMENTS_NOT_CONFIGURED"}
+    assert await auto_topup.get_rule(pool, account_id) is None
