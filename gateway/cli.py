@@ -1,4 +1,4 @@
-"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup, payments), export,
+"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup, payments, auto-topup), export,
 statement."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from billing import accounts, db, exports, keys, ledger, payments, schema, statements
+from billing import accounts, auto_topup, db, exports, keys, ledger, payments, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
@@ -181,6 +181,30 @@ def cmd_payments(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auto_topup(settings: Settings, args: argparse.Namespace) -> int:
+    """Show an account's auto top-up rule, or write it (with --enabled, the amounts and optionally the card)."""
+    if args.enabled is not None:
+        if args.threshold_micros is None or args.amount_micros is None:
+            raise BillingError("--enabled needs --threshold-micros and --amount-micros")
+        auto_topup.check_rule(threshold_micros=args.threshold_micros, amount_micros=args.amount_micros,
+                              min_usd=settings.stripe.min_amount_usd, max_usd=settings.stripe.max_amount_usd)
+
+    async def work(conn: asyncpg.Connection) -> Any:
+        if args.enabled is None:
+            return await auto_topup.get_rule(conn, args.account)
+        pool = await db.create_pool(_database_url(settings), min_size=1, max_size=1)
+        try:
+            return await auto_topup.set_rule(pool, args.account, enabled=args.enabled == "on",
+                                             threshold_micros=args.threshold_micros,
+                                             amount_micros=args.amount_micros, payment_method=args.payment_method)
+        finally:
+            await pool.close()
+
+    row = asyncio.run(_with_db(settings, work))
+    _print({"object": "auto_topup", "account_id": args.account, **(row or {"enabled": False})})
+    return 0
+
+
 def _utc(text: str) -> datetime:
     """An ISO-8601 timestamp argument; one without a zone is UTC."""
     try:
@@ -273,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     pay.add_argument("--account", required=True)
     pay.add_argument("--limit", type=int, default=20)
     pay.set_defaults(func=cmd_payments)
+    auto = sub.add_parser("auto-topup", help="show an account's auto top-up rule, or set it with --enabled")
+    auto.add_argument("--account", required=True)
+    auto.add_argument("--enabled", choices=("on", "off"), default=None)
+    auto.add_argument("--threshold-micros", type=int, default=None)
+    auto.add_argument("--amount-micros", type=int, default=None)
+    auto.add_argument("--payment-method", default=None, help="a Stripe PaymentMethod id (pm_...); omitted: kept")
+    auto.set_defaults(func=cmd_auto_topup)
 
     exp = sub.add_parser("export", help="export the ledger or request records (streamed, constant memory)")
     exp.add_argument("kind", choices=exports.KINDS)

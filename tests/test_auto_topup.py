@@ -7,6 +7,7 @@ threshold re-arms the rule, and three failures in a row disable it, saying why, 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.settings import Settings
 from tests.conftest import admin_headers
 from tests.factories import billed_request, make_customer
 from tests.fakes.stripe import KEY_ENV, FakeStripe, stripe_on, with_stripe
+from tests.test_cli import meterline
 
 DOLLARS_10 = 10_000_000
 THRESHOLD = 5_000_000
@@ -322,3 +324,19 @@ async def test_the_rule_routes_answer_503_while_stripe_is_off(
     assert [r.status for r in answers] == [503, 503, 503]
     assert {(await r.json())["error"]["code"] for r in answers} == {"PAYMENTS_NOT_CONFIGURED"}
     assert await auto_topup.get_rule(pool, account_id) is None
+
+
+async def test_the_cli_sets_and_shows_a_rule_and_refuses_a_bad_amount(pool: asyncpg.Pool, database_url: str) -> None:
+    account_id, _ = await make_customer(pool)
+    written = json.loads(meterline("auto-topup", "--account", account_id, "--enabled", "on", "--threshold-micros",
+                                   str(THRESHOLD), "--amount-micros", str(DOLLARS_10), "--payment-method", CARD,
+                                   database_url=database_url).stdout)
+    assert (written["enabled"], written["threshold_micros"], written["amount_micros"], written["payment_method"]) == (
+        True, THRESHOLD, DOLLARS_10, CARD)
+    shown = json.loads(meterline("auto-topup", "--account", account_id, database_url=database_url).stdout)
+    assert shown == written
+    bad = meterline("auto-topup", "--account", account_id, "--enabled", "on", "--threshold-micros", "1",
+                    "--amount-micros", str(DOLLARS_10), database_url=database_url, check=False)
+    assert bad.returncode == 1 and "threshold_micros 1 is not a whole number of cents" in bad.stderr
+    assert await pool.fetchval("SELECT auto_topup_micros FROM accounts WHERE id = $1", account_id) == THRESHOLD
+    assert await verify(pool) == []
