@@ -63,7 +63,8 @@ async def get_rule(conn: Executor, account_id: str) -> dict[str, Any] | None:
 async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, threshold_micros: int, amount_micros: int,
                    payment_method: str | None) -> dict[str, Any]:
     """Write the account's rule (a None payment_method keeps the saved one). Writing it clears its failures and
-    the reason it was disabled, and arms it. An enabled rule needs a payment method (InvalidRule)."""
+    the reason it was disabled, and arms it; disabling it drops a trigger not yet sent to Stripe. An enabled rule
+    needs a payment method (InvalidRule)."""
     async with pool.acquire() as conn, conn.transaction():
         if await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer' FOR UPDATE",
                                account_id) is None:
@@ -82,6 +83,13 @@ async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, thresh
             raise InvalidRule("an enabled auto top-up needs a payment_method (a Stripe payment method id)",
                               "payment_method") from None
         assert row is not None
+        if not enabled:
+            # A trigger not yet sent to Stripe is dropped with the rule (one the worker is sending holds its row
+            # lock: this waits, then finds its intent recorded and leaves it to its webhook).
+            await conn.execute(
+                "UPDATE payments SET status = 'failed', failure = 'cancelled: the auto top-up was disabled'"
+                " WHERE account_id = $1 AND kind = 'auto_topup' AND status = 'open' AND payment_intent IS NULL",
+                account_id)
         await conn.execute(
             "UPDATE accounts SET auto_topup_micros = CASE WHEN $2 THEN $3::bigint END, auto_topup_fired_at = NULL"
             " WHERE id = $1", account_id, enabled, threshold_micros)

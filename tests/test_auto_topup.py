@@ -340,3 +340,19 @@ async def test_the_cli_sets_and_shows_a_rule_and_refuses_a_bad_amount(pool: asyn
     assert bad.returncode == 1 and "threshold_micros 1 is not a whole number of cents" in bad.stderr
     assert await pool.fetchval("SELECT auto_topup_micros FROM accounts WHERE id = $1", account_id) == THRESHOLD
     assert await verify(pool) == []
+
+
+async def test_disabling_the_rule_drops_a_trigger_not_yet_sent_to_stripe(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, _ = await customer_with_rule(pool)
+    await billed_request(pool, account_id, hold_micros=2_000_000, cost_micros=2_000_000)
+    await auto_topup.set_rule(pool, account_id, enabled=False, threshold_micros=THRESHOLD, amount_micros=DOLLARS_10,
+                              payment_method=None)
+    assert await charge_triggers(gateway.app) == 0
+    assert fake_stripe.intent_requests == [] and await triggers(pool, account_id) == [("failed", DOLLARS_10)]
+    assert await pool.fetchval("SELECT auto_topup_micros FROM accounts WHERE id = $1", account_id) is None
+    await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+    assert await triggers(pool, account_id) == [("failed", DOLLARS_10)]
+    assert await ledger.available_micros(pool, account_id) == 3_000_000
+    assert await verify(pool) == []
