@@ -13,6 +13,7 @@ meterline_auto_topup_failed, which disables the rule at the third in a row.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -131,6 +132,48 @@ async def claim(conn: Executor, *, limit: int) -> list[Trigger]:
 async def record_intent(conn: Executor, payment_id: str, intent_id: str) -> None:
     await conn.execute("UPDATE payments SET payment_intent = $2 WHERE id = $1 AND payment_intent IS NULL",
                        payment_id, intent_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A trigger ready to charge: the account has a Stripe customer and a saved payment method."""
+
+    trigger: Trigger
+    customer: str
+    payment_method: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What Stripe answered a trigger's PaymentIntent: the intent's id, or the card's refusal (a card error)."""
+
+    intent_id: str | None = None
+    refused: str | None = None
+
+
+async def charge_open(pool: asyncpg.Pool, create: Callable[[Charge], Awaitable[Answer | None]], *,
+                      limit: int) -> int:
+    """One worker tick: lock up to `limit` open triggers and `create` each one's PaymentIntent (None: Stripe did not
+    answer; the trigger stays open for the next tick), recording the intent or the refusal. The rows stay locked
+    while Stripe is called, so another process skips them rather than charging them too; the idempotency key makes
+    a rerun after a crash the same intent. Returns how many triggers got an answer."""
+    answered = 0
+    async with pool.acquire() as conn, conn.transaction():
+        for trigger in await claim(conn, limit=limit):
+            if trigger.customer is None or trigger.payment_method is None:
+                await record_failure(conn, trigger.payment_id,
+                                     "the account has no Stripe customer or no saved payment method")
+                answered += 1
+                continue
+            answer = await create(Charge(trigger, trigger.customer, trigger.payment_method))
+            if answer is None:
+                continue
+            if answer.intent_id is not None:
+                await record_intent(conn, trigger.payment_id, answer.intent_id)
+            else:
+                await record_failure(conn, trigger.payment_id, answer.refused or "card_error")
+            answered += 1
+    return answered
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,8 +31,9 @@ BATCH = 10
 
 
 async def charge_triggers(app: web.Application) -> int:
-    """One tick: create the PaymentIntent of each open trigger this process could lock; returns how many triggers
-    got an answer from Stripe (an intent or a card error). Does nothing while Stripe is off."""
+    """One tick: create the PaymentIntent of each open trigger this process could lock (billing.auto_topup owns the
+    transaction; this side only calls Stripe); returns how many triggers got an answer from Stripe (an intent or a
+    card error). Does nothing while Stripe is off."""
     config = app[SETTINGS].stripe
     key = config.secret_key()
     if key is None:
@@ -40,33 +41,25 @@ async def charge_triggers(app: web.Application) -> int:
     http = stripe.AIOHTTPClient(session=app[HTTP], timeout=aiohttp.ClientTimeout(total=config.timeout_seconds))
     client = stripe.StripeClient(key, base_addresses={"api": config.api_base}, http_client=http,
                                  max_network_retries=0)
-    answered = 0
-    # The rows stay locked while Stripe is called: another process skips them rather than charging them too.
-    async with app[POOL].acquire() as conn, conn.transaction():
-        for trigger in await auto_topup.claim(conn, limit=BATCH):
-            if trigger.customer is None or trigger.payment_method is None:
-                await auto_topup.record_failure(conn, trigger.payment_id,
-                                                "the account has no Stripe customer or no saved payment method")
-                answered += 1
-                continue
-            try:
-                intent = await client.v1.payment_intents.create_async({
-                    "amount": trigger.cents, "currency": CURRENCY, "customer": trigger.customer,
-                    "payment_method": trigger.payment_method, "off_session": True, "confirm": True,
-                    "description": "Meterline auto top-up",
-                    "metadata": {ACCOUNT_METADATA: trigger.account_id,
-                                 auto_topup.PAYMENT_METADATA: trigger.payment_id},
-                }, {"idempotency_key": trigger.idempotency_key})
-            except stripe.CardError as exc:
-                await auto_topup.record_failure(conn, trigger.payment_id, exc.code or "card_error")
-                answered += 1
-            except stripe.StripeError as exc:
-                log.warning("auto top-up %s: Stripe did not answer (HTTP %s); retrying on the next tick",
-                            trigger.payment_id, exc.http_status)
-            else:
-                await auto_topup.record_intent(conn, trigger.payment_id, intent.id)
-                answered += 1
-    return answered
+
+    async def create(charge: auto_topup.Charge) -> auto_topup.Answer | None:
+        trigger = charge.trigger
+        try:
+            intent = await client.v1.payment_intents.create_async({
+                "amount": trigger.cents, "currency": CURRENCY, "customer": charge.customer,
+                "payment_method": charge.payment_method, "off_session": True, "confirm": True,
+                "description": "Meterline auto top-up",
+                "metadata": {ACCOUNT_METADATA: trigger.account_id, auto_topup.PAYMENT_METADATA: trigger.payment_id},
+            }, {"idempotency_key": trigger.idempotency_key})
+        except stripe.CardError as exc:
+            return auto_topup.Answer(refused=exc.code or "card_error")
+        except stripe.StripeError as exc:
+            log.warning("auto top-up %s: Stripe did not answer (HTTP %s); retrying on the next tick",
+                        trigger.payment_id, exc.http_status)
+            return None
+        return auto_topup.Answer(intent_id=intent.id)
+
+    return await auto_topup.charge_open(app[POOL], create, limit=BATCH)
 
 
 async def auto_topup_worker_ctx(app: web.Application) -> AsyncIterator[None]:
