@@ -5,6 +5,7 @@ parts and field sizes, spooled to one file, and read yielding to other requests 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import time
@@ -140,25 +141,36 @@ async def test_a_many_parts_upload_holds_up_neither_other_tenants_nor_file_descr
         api: TestClient, pool: asyncpg.Pool, fake: MediaUpstream) -> None:
     """8,000 one-byte parts (808 KB) used to freeze every other request in the process for 10 s, one temporary
     file a part; 21,000 exhausted file descriptors. Now the parts go to one spool and the reading yields after
-    each one: another tenant's requests are answered meanwhile, each within a bound of 0.5 s (measured on a
-    2-core machine: about 1,000 balance reads answered during the 2 s the upload took to read, the slowest in
-    5.9 ms), and the process's open files barely move (22 to 28)."""
+    each one: another tenant's requests are answered all along, none waiting a tenth of the time the upload took
+    (measured on a 2-core machine: about 950 balance reads answered during the 2 s the upload took to read, the
+    slowest in about 10 ms), and the process's open files barely move (22 to 28).
+
+    The objects the test session has piled up are frozen out of the collector for the measurement: a full
+    collection over them stalls the whole process (0.13 s for this file alone, 0.86 s at the end of the suite),
+    which is the test run's heap, not the upload's reading."""
     _, uploader = await make_customer(pool, balance_micros=FUNDS)
     _, other = await make_customer(pool, balance_micros=FUNDS)
     body, boundary = many_parts(8_000)
     baseline = len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.freeze()
+    began = time.monotonic()
     upload = asyncio.ensure_future(api.post("/v1/images/edits", data=io.BytesIO(body), headers={
         **auth(uploader), "Content-Type": f"multipart/form-data; boundary={boundary}"}))
     slowest, most_files, answered = 0.0, baseline, 0
-    while not upload.done():
-        started = time.monotonic()
-        resp = await api.get("/v1/balance", headers=auth(other))
-        assert resp.status == 200
-        slowest = max(slowest, time.monotonic() - started)
-        most_files = max(most_files, len(os.listdir("/proc/self/fd")))
-        answered += 1
-    result = await upload
+    try:
+        while not upload.done():
+            started = time.monotonic()
+            resp = await api.get("/v1/balance", headers=auth(other))
+            assert resp.status == 200
+            slowest = max(slowest, time.monotonic() - started)
+            most_files = max(most_files, len(os.listdir("/proc/self/fd")))
+            answered += 1
+        result = await upload
+        took = time.monotonic() - began
+    finally:
+        gc.unfreeze()
     assert (result.status, (await result.json())["error"]["param"]) == (400, "prompt")  # parsed to the end
-    assert answered >= 3
-    assert slowest < 0.5, slowest
+    assert answered >= 50, answered
+    assert slowest < took / 10, (slowest, took)
     assert most_files - baseline < 20, (baseline, most_files)
