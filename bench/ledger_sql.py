@@ -42,6 +42,7 @@ _SETTLE_PARTS = {
     "the request record": r"    PERFORM meterline_record\(.*?\);\n",
     "the hold's state change": r"    UPDATE holds SET state = 'settled'.*?WHERE holds\.request_id = p_request_id;\n",
     "the key's spend window": r"    PERFORM meterline_key_release\(.*?\);\n",
+    "the draw from credit grants": r"    IF p_actual > 0 THEN  -- the charge is drawn.*?END IF;\n",
 }
 
 

@@ -30,16 +30,17 @@ LEDGER_COLUMNS: dict[str, str] = {
     "transfer_id": "the transfer's id (ascending within equal created_at)",
     "created_at": "when the transfer was posted, ISO-8601 UTC",
     "account_id": "the customer account the transfer belongs to",
-    "kind": "topup | adjustment | charge",
+    "kind": "topup | adjustment | grant | charge | refund | expiry",
     "amount_micros": "signed amount from the customer's side: credit positive, debit negative",
     "amount_usd": "amount_micros as an exact USD decimal string",
     "debit_account_id": "the account the money left",
     "credit_account_id": "the account the money entered",
     "request_id": "the billed request (charges only)",
-    "description": "top-up description or adjustment reason",
+    "description": "top-up description, adjustment reason, or what a refund or an expiry reverses",
     "balance_after_micros": "the customer's balance right after this transfer",
     "estimated": "true when a charge was priced from an estimate, not upstream usage",
-    "overrun_micros": "the part of a charge above its hold",
+    "overrun_micros": "the part of a charge above its hold (of a refund: the part the balance did not cover)",
+    "grant_id": "the credit grant a credit (topup, adjustment, grant) created or an expiry expired",
 }
 
 REQUEST_COLUMNS: dict[str, str] = {
@@ -80,7 +81,7 @@ _LEDGER_SQL = """
            CASE WHEN credit_account_id = account_id THEN amount_micros
                 ELSE -amount_micros END AS amount_micros,
            debit_account_id, credit_account_id, request_id, description, balance_after_micros, estimated,
-           overrun_micros
+           overrun_micros, grant_id
       FROM transfers
      WHERE created_at >= $1 AND created_at < $2 AND ($3::text IS NULL OR account_id = $3)
      ORDER BY created_at, id

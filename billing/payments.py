@@ -5,10 +5,11 @@ that is paid, or a `checkout.session.async_payment_succeeded`) turns the row pai
 posts the top-up of the amount paid in the same transaction: however often, and however concurrently, Stripe
 delivers the event (to however many gateway processes), one UPDATE finds the row open and one top-up is posted.
 
-A refund (`charge.refunded`) or a lost dispute (`charge.dispute.closed`, status lost) posts a negative adjustment
-that may overdraw the account (the ledger records the uncovered part as overrun, so no new hold is granted until it
-is paid). A charge's `amount_refunded` is cumulative: each delivery posts only what it adds to the refunded amount
-already recorded, so duplicated and out-of-order deliveries post each refunded micro once.
+A refund (`charge.refunded`) or a lost dispute (`charge.dispute.closed`, status lost) posts a `refund` debit
+(drawn from paid credit first) that may overdraw the account (the ledger records the uncovered part as overrun, so
+no new hold is granted until it is paid). A charge's `amount_refunded` is cumulative: each delivery posts only what
+it adds to the refunded amount already recorded, so duplicated and out-of-order deliveries post each refunded micro
+once.
 
 Stripe's amounts are integer cents of USD; one cent is 10,000 micros. The events arrive verified (gateway side) as
 plain dicts in Stripe's shapes.
@@ -170,7 +171,7 @@ async def _fulfil(pool: asyncpg.Pool, session: dict[str, Any]) -> Outcome:
 
 
 async def _reverse(conn: Executor, payment: asyncpg.Record, amount_micros: int, description: str) -> None:
-    await ledger.post(conn, account_id=payment["account_id"], kind="adjustment", amount_micros=-amount_micros,
+    await ledger.post(conn, account_id=payment["account_id"], kind="refund", amount_micros=-amount_micros,
                       description=description, overdraw=True)
 
 

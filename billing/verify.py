@@ -68,6 +68,27 @@ _CHECKS: dict[str, str] = {
          WHERE a.kind = 'customer'
            AND a.credits_posted - a.debits_posted - a.held_micros < -COALESCE(o.total, 0)
     """,
+    "grants": """
+        SELECT format('account %s has %s micros left in its credit grants but a balance of %s',
+                      a.id, COALESCE(g.total, 0), a.credits_posted - a.debits_posted) AS problem
+          FROM accounts a
+          LEFT JOIN (SELECT account_id, sum(remaining_micros) AS total FROM credit_grants GROUP BY 1) g
+                 ON g.account_id = a.id
+         WHERE a.kind = 'customer' AND COALESCE(g.total, 0) <> GREATEST(0, a.credits_posted - a.debits_posted)
+    """,
+    "grant-transfers": """
+        SELECT format('grant %s of %s micros was credited by transfer %s of %s', g.id, g.amount_micros,
+                      g.transfer_id, COALESCE(t.amount_micros || ' micros', 'nothing (there is none)')) AS problem
+          FROM credit_grants g LEFT JOIN transfers t ON t.id = g.transfer_id AND t.grant_id = g.id
+         WHERE g.transfer_id IS NOT NULL AND t.amount_micros IS DISTINCT FROM g.amount_micros
+        UNION ALL
+        SELECT format('grant %s says %s micros expired but its expiry transfers sum to %s', g.id, g.expired_micros,
+                      COALESCE(e.total, 0))
+          FROM credit_grants g
+          LEFT JOIN (SELECT grant_id, sum(amount_micros) AS total FROM transfers WHERE kind = 'expiry' GROUP BY 1) e
+                 ON e.grant_id = g.id
+         WHERE g.expired_micros <> COALESCE(e.total, 0)
+    """,
 }
 
 

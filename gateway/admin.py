@@ -6,19 +6,20 @@ import re
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictInt
 
 from billing import accounts, keys, ledger, limits
-from billing.money import MAX_MICROS, usd_to_micros
-from gateway import auto_topup_api, conversations_api, payments_api, webhooks_api, wire
+from billing.money import MAX_MICROS
+from gateway import auto_topup_api, conversations_api, grants_api, payments_api, webhooks_api, wire
+from gateway.admin_common import IDEMPOTENCY_KEY, Amount, Name, StrictBody, Text, idempotency_key, page
 from gateway.auth import admin_middleware
-from gateway.bodies import header, read_model
+from gateway.bodies import read_model
 from gateway.contract import IDEMPOTENCY_CONFLICT, INSUFFICIENT_BALANCE, NOT_FOUND, Answer, Body, operation
 from gateway.errors import invalid
 from gateway.finance import routes as finance_routes
 from gateway.keys import KEY_STORE, POOL
 from gateway.metrics import METRICS
-from gateway.params import CURSOR, HeaderParam, TextParam, limit
+from gateway.params import CURSOR, TextParam, limit
 from gateway.render import json_response
 
 routes = web.RouteTableDef()
@@ -28,37 +29,20 @@ _ACCOUNTS_LIMIT = limit(20, 100)
 _LEDGER_LIMIT = limit(50, 500)
 _LEDGER_PAGE = TextParam("cursor", "next_cursor of the previous page (a transfer id)",
                          pattern=f"^{_LEDGER_CURSOR.pattern}$")
-# Money movements require one: a retry with the same key and body answers the first posting.
-_IDEMPOTENCY_KEY = HeaderParam("Idempotency-Key", "Required: a retry with the same key and body answers the first "
-                               "posting (with Idempotent-Replayed: true) instead of posting again", required=True,
-                               where="header")
 _POSTED = Answer(wire.Posting, status=201, headers={"Idempotent-Replayed": "true when this answers an earlier "
                                                                           "request with the same key"})
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
 
 
-Text = Annotated[StrictStr, AfterValidator(_no_nul)]
-Name = Annotated[Text, Field(min_length=1, max_length=200)]
-Micros = Annotated[StrictInt, Field(ge=-MAX_MICROS, le=MAX_MICROS)]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CreateAccount(_Body):
+class CreateAccount(StrictBody):
     name: Name
 
 
-class AccountSettings(_Body):
+class AccountSettings(StrictBody):
     low_balance_threshold_micros: Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)] | None
 
 
-class KeyLimits(_Body):
+class KeyLimits(StrictBody):
     """Per-key limits (issue 5); a field left out is unchanged, null clears it."""
 
     limit_micros: Annotated[StrictInt, Field(ge=0, le=MAX_MICROS)] | None = None
@@ -81,28 +65,6 @@ class CreateKey(KeyLimits):
     detailed_logging: StrictBool = False
 
 
-class Amount(_Body):
-    # The schema says what _one_amount checks: one of the two, given and not null.
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-        for name in ("amount_micros", "amount_usd")]})
-
-    amount_micros: Micros | None = None
-    # Parsed by billing.money.usd_to_micros (any exact decimal string); the schema shows the plain spelling.
-    amount_usd: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,6})?$",
-                                                              "examples": ["12.50"]})] | None = None
-
-    @model_validator(mode="after")
-    def _one_amount(self) -> Amount:
-        if (self.amount_micros is None) == (self.amount_usd is None):
-            raise ValueError("give exactly one of amount_micros and amount_usd")
-        return self
-
-    def micros(self) -> int:
-        if self.amount_micros is not None:
-            return self.amount_micros
-        assert self.amount_usd is not None
-        return usd_to_micros(self.amount_usd)
 
 
 class Topup(Amount):
@@ -140,10 +102,6 @@ def render_key(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def page(data: list[dict[str, Any]], *, limit: int, cursor: str | None) -> dict[str, Any]:
-    has_more = len(data) > limit
-    return {"object": "list", "data": data[:limit], "has_more": has_more,
-            "next_cursor": cursor if has_more else None}
 
 
 @operation("Create an account", body=CreateAccount, answer=Answer(wire.Account, status=201))
@@ -220,18 +178,11 @@ async def revoke_key(request: web.Request) -> web.Response:
     return json_response(render_key(row))
 
 
-def _idempotency_key(request: web.Request) -> str:
-    key = (header(request, "Idempotency-Key") or "").strip()
-    if not key:
-        raise invalid("An Idempotency-Key header is required for money movements", "Idempotency-Key")
-    if len(key) > 255:
-        raise invalid("Idempotency-Key is longer than 255 characters", "Idempotency-Key")
-    return key
 
 
 async def _post(request: web.Request, *, kind: str, amount: int, description: str | None) -> web.Response:
     account_id = request.match_info["account_id"]
-    idem = _idempotency_key(request)
+    idem = idempotency_key(request)
     result, replayed = await ledger.post_once(
         request.config_dict[POOL],
         idempotency_key=idem,
@@ -247,7 +198,7 @@ async def _post(request: web.Request, *, kind: str, amount: int, description: st
     return json_response({"object": kind, **result}, status=201, headers=headers)
 
 
-@operation("Top up an account", body=Topup, headers=(_IDEMPOTENCY_KEY,), answer=_POSTED,
+@operation("Top up an account", body=Topup, headers=(IDEMPOTENCY_KEY,), answer=_POSTED,
            errors=(NOT_FOUND, IDEMPOTENCY_CONFLICT))
 @routes.post("/accounts/{account_id}/topups")
 async def topup(request: web.Request) -> web.Response:
@@ -258,7 +209,7 @@ async def topup(request: web.Request) -> web.Response:
     return await _post(request, kind="topup", amount=amount, description=body.description)
 
 
-@operation("Correct an account's balance, up or down, with a reason", body=Adjustment, headers=(_IDEMPOTENCY_KEY,),
+@operation("Correct an account's balance, up or down, with a reason", body=Adjustment, headers=(IDEMPOTENCY_KEY,),
            answer=_POSTED, errors=(NOT_FOUND, INSUFFICIENT_BALANCE, IDEMPOTENCY_CONFLICT))
 @routes.post("/accounts/{account_id}/adjustments")
 async def adjustment(request: web.Request) -> web.Response:
@@ -293,4 +244,5 @@ def admin_app() -> web.Application:
     app.add_routes(webhooks_api.admin_routes)
     app.add_routes(payments_api.admin_routes)
     app.add_routes(auto_topup_api.admin_routes)
+    app.add_routes(grants_api.admin_routes)
     return app

@@ -24,6 +24,7 @@ from gateway import (
     console,
     consumer,
     conversations_api,
+    grants_api,
     images,
     media_poller,
     metrics,
@@ -160,6 +161,7 @@ def create_app(settings: Settings) -> web.Application:
     webhooks_api.add_routes(app)
     payments_api.add_routes(app)
     auto_topup_api.add_routes(app)
+    grants_api.add_routes(app)
     usage.add_routes(app)
     images.add_routes(app)
     videos.add_routes(app)

@@ -1,5 +1,5 @@
-"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup, payments, auto-topup), export,
-statement."""
+"""The `meterline` command: serve, migrate, verify, admin mirrors (accounts, keys, topup, grants, payments,
+auto-topup), export, statement."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from billing import accounts, auto_topup, db, exports, keys, ledger, payments, schema, statements
+from billing import accounts, auto_topup, db, exports, grants, keys, ledger, payments, schema, statements
 from billing.errors import BillingError
 from billing.money import usd_to_micros
 from billing.verify import verify
@@ -205,6 +205,30 @@ def cmd_auto_topup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grants_create(settings: Settings, args: argparse.Namespace) -> int:
+    """Grant credit under an idempotency key (the same checks and key space as the admin API)."""
+
+    async def work(conn: asyncpg.Connection) -> Any:
+        pool = await db.create_pool(_database_url(settings), min_size=1, max_size=1)
+        try:
+            return await grants.grant_once(
+                pool, idempotency_key=args.idempotency_key, account_id=args.account, category=args.category,
+                amount_micros=usd_to_micros(args.amount_usd), priority=args.priority,
+                effective_at=args.effective_at, expires_at=args.expires_at, description=args.description)
+        finally:
+            await pool.close()
+
+    result, replayed = asyncio.run(_with_db(settings, work))
+    _print({**result, "replayed": replayed})
+    return 0
+
+
+def cmd_grants_list(settings: Settings, args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_db(settings, lambda conn: grants.list_grants(conn, args.account, limit=args.limit)))
+    _print({"object": "list", "data": rows})
+    return 0
+
+
 def _utc(text: str) -> datetime:
     """An ISO-8601 timestamp argument; one without a zone is UTC."""
     try:
@@ -304,6 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--amount-micros", type=int, default=None)
     auto.add_argument("--payment-method", default=None, help="a Stripe PaymentMethod id (pm_...); omitted: kept")
     auto.set_defaults(func=cmd_auto_topup)
+
+    grant = sub.add_parser("grants", help="an account's credit grants").add_subparsers(dest="action", required=True)
+    gc = grant.add_parser("create", help="grant paid or promotional credit")
+    gc.add_argument("--account", required=True)
+    gc.add_argument("--amount-usd", required=True)
+    gc.add_argument("--category", choices=grants.CATEGORIES, required=True)
+    gc.add_argument("--priority", type=int, default=grants.DEFAULT_PRIORITY, help="0-100, lower spent first")
+    gc.add_argument("--effective-at", type=_utc, default=None, help="ISO-8601 (default: now)")
+    gc.add_argument("--expires-at", type=_utc, default=None, help="ISO-8601 (default: never)")
+    gc.add_argument("--description", default=None)
+    gc.add_argument("--idempotency-key", required=True)
+    gc.set_defaults(func=cmd_grants_create)
+    gl = grant.add_parser("list", help="an account's grants, newest first")
+    gl.add_argument("--account", required=True)
+    gl.add_argument("--limit", type=int, default=20)
+    gl.set_defaults(func=cmd_grants_list)
 
     exp = sub.add_parser("export", help="export the ledger or request records (streamed, constant memory)")
     exp.add_argument("kind", choices=exports.KINDS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from billing import accounts
+from billing import grants
 from gateway import wire
 from gateway.auth import requires_key
 from gateway.contract import operation
@@ -14,10 +14,12 @@ from gateway.render import json_response, usd_number
 CONSUMER_PREFIXES = ("/v1", "/openai/v1")
 
 
-@operation("The account's balance: available (balance less holds), balance and held", answer=wire.Balance)
+@operation("The account's balance: available (balance less holds), balance and held, its paid and promotional "
+           "credit and when credit next expires", answer=wire.Balance)
 @requires_key
 async def balance(request: web.Request) -> web.Response:
-    row = await accounts.get_account(request.app[POOL], request[API_KEY].account_id)
+    row = await grants.balance_parts(request.app[POOL], request[API_KEY].account_id)
+    expiry = row["next_expiry_at"]
     return json_response({
         "object": "balance",
         "billing_type": "prepaid",
@@ -25,6 +27,9 @@ async def balance(request: web.Request) -> web.Response:
         "available_micros": row["available_micros"],
         "balance_micros": row["balance_micros"],
         "held_micros": row["held_micros"],
+        "paid_micros": row["paid_micros"],
+        "promotional_micros": row["promotional_micros"],
+        "next_expiry": None if expiry is None else {"at": expiry, "amount_micros": row["next_expiry_micros"]},
     })
 
 

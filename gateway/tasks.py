@@ -1,4 +1,5 @@
-"""Background loops the app runs (the hold sweeper, and `every` for the others), owned by the app's TaskOwner."""
+"""Background loops the app runs (the sweeper of holds and credit grants, and `every` for the others), owned by
+the app's TaskOwner."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from billing import console, conversation_store, ledger
+from billing import console, conversation_store, grants, ledger
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 from gateway.metrics import METRICS
@@ -40,6 +41,8 @@ async def sweep_expired_holds(app: web.Application) -> None:
     app[METRICS].expired(expired)
     if expired:
         log.info("expired %d holds past their expiry", expired)
+    # Credit grants whose effective time or expiry has come, on accounts no money step has touched since.
+    await grants.sweep(app[POOL])
 
 
 def start_sweeper(app: web.Application) -> None:

@@ -46,13 +46,26 @@ class UsdAmount(_Shape):
     currency: Literal["usd"]
 
 
+class NextExpiry(_Shape):
+    """When credit next expires, and how much of it is unspent now."""
+
+    at: str
+    amount_micros: int
+
+
 class Balance(_Shape):
+    """`balance_micros` is what the account's credit grants hold (`paid_micros` + `promotional_micros`) when it is
+    positive; below zero it is debt and both parts are 0."""
+
     object: Literal["balance"]
     billing_type: Literal["prepaid"]
     available: UsdAmount
     available_micros: int
     balance_micros: int
     held_micros: int
+    paid_micros: int
+    promotional_micros: int
+    next_expiry: NextExpiry | None
 
 
 class Account(_Shape):
@@ -397,3 +410,32 @@ class AutoTopup(_Shape):
     failures: int
     disabled_reason: str | None
     disabled_at: str | None
+
+
+class CreditGrant(_Shape):
+    """Credit on an account: paid or promotional, spent promotional first, then by lower priority, earliest expiry
+    and age. `status`: scheduled (before effective_at), active, spent, expired. For a posted grant amount =
+    remaining + spent + expired."""
+
+    id: str
+    object: Literal["credit_grant"]
+    account_id: str
+    category: Literal["paid", "promotional"]
+    priority: int
+    status: Literal["scheduled", "active", "spent", "expired"]
+    amount_micros: int
+    remaining_micros: int
+    spent_micros: int
+    expired_micros: int
+    effective_at: str
+    expires_at: str | None
+    description: str | None
+    transfer_id: int | None
+    created_at: str
+
+
+class CreditGrantList(_Shape):
+    object: Literal["list"]
+    data: list[CreditGrant]
+    has_more: bool
+    next_cursor: str | None

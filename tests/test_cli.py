@@ -41,7 +41,7 @@ async def test_migrate_is_harmless_to_repeat(pool: asyncpg.Pool, database_url: s
     for _ in range(2):  # the session's database is already current: nothing is applied, the version is reported
         assert json.loads(meterline("migrate", database_url=database_url).stdout) == {
             "object": "migrations", "applied_now": [], "schema_version": latest}
-    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 3
+    assert await pool.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 5
 
 
 async def test_admin_mirrors_print_json_and_topup_is_idempotent(pool: asyncpg.Pool, database_url: str) -> None:

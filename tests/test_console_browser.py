@@ -164,3 +164,46 @@ async def test_a_customer_deletes_a_memory_and_a_conversation_with_their_buttons
     await page.wait_for_selector("p.notice")
     assert await page.locator("#conversations").count() == 0
     assert await pool.fetchval("SELECT count(*) FROM conversation_turns") == 0
+
+
+async def test_an_admin_grants_promotional_credit_once_and_the_customer_sees_it_with_its_expiry(
+        page: Any, console_base: str, pool: asyncpg.Pool) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=2_000_000)
+    await sign_in(page, console_base, ADMIN_TOKEN)
+    await page.goto(f"{console_base}/console/accounts/{account_id}")
+    await page.click("text=Grant credit")
+    form = page.locator("#grant-form")
+    await form.locator("input[name=amount_usd]").fill("5")
+    await form.locator("select[name=category]").select_option("promotional")
+    await form.locator("input[name=priority]").fill("10")
+    await form.locator("input[name=expires_at]").fill("2100-01-31T12:00")
+    await form.locator("input[name=description]").fill("welcome credit")
+    # The same rendered form (its Idempotency-Key) submitted twice at once, then from the page: one grant.
+    fields = {name: await form.locator(f"[name={name}]").input_value()
+              for name in ("csrf", "idempotency_key", "amount_usd", "category", "priority", "expires_at",
+                           "description")}
+    action = f"{console_base}/console/accounts/{account_id}/grants"
+    twice = await asyncio.gather(*(page.request.post(action, form=fields, max_redirects=0) for _ in range(2)))
+    assert [r.status for r in twice] == [303, 303]
+    await form.locator("button").click()
+    await page.wait_for_selector("p.notice")
+    assert "already submitted" in await page.inner_text("p.notice")
+    assert await pool.fetchval("SELECT count(*) FROM credit_grants WHERE category = 'promotional'") == 1
+    row = await pool.fetchrow("SELECT id, priority, expires_at, amount_micros FROM credit_grants"
+                              " WHERE category = 'promotional'")
+    assert (row["priority"], row["expires_at"].isoformat(), row["amount_micros"]) == (
+        10, "2100-01-31T12:00:00+00:00", 5_000_000)
+    assert money(await page.inner_text("#promotional")) == 5_000_000
+    assert money(await page.inner_text("#paid")) == 2_000_000
+    assert await page.inner_text(f"#grant-{row['id']} td:nth-child(4)") == "active"
+    await screenshot(page, "grants")
+
+    customer = await page.context.browser.new_context()
+    try:
+        mine = await customer.new_page()
+        await sign_in(mine, console_base, secret)
+        assert money(await mine.inner_text("#balance")) == 7_000_000
+        assert money(await mine.inner_text("#promotional")) == 5_000_000
+        assert "2100-01-31 12:00:00 UTC" in await mine.inner_text("#next-expiry")
+    finally:
+        await customer.close()

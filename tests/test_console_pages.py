@@ -255,3 +255,23 @@ async def test_an_admin_reads_and_deletes_any_keys_conversations_narrowed_by_acc
     assert resp.status == 303
     assert [str(r["id"]) for r in await pool.fetch("SELECT id FROM conversations")] == [one]
     assert (await client.post("/console/conversations/memories/delete", data={"csrf": csrf})).status == 400
+
+
+async def test_the_grant_form_refuses_bad_input_naming_the_field_and_grants_nothing(client: TestClient,
+                                                                                    pool: asyncpg.Pool) -> None:
+    account_id = await make_account(pool)
+    csrf = await signed_in(client)
+    good = {"csrf": csrf, "amount_usd": "5", "category": "promotional", "priority": "10",
+            "expires_at": "2100-01-01T00:00", "description": ""}
+    for bad, field in (({"expires_at": "2001-01-01T00:00"}, "expires_at"), ({"expires_at": "soon"}, "expires_at"),
+                       ({"category": "gift"}, "category"), ({"priority": "101"}, "priority"),
+                       ({"amount_usd": "-1"}, "amount_usd"), ({"effective_at": "2200-01-01T00:00"}, "expires_at")):
+        resp = await client.post(f"/console/accounts/{account_id}/grants",
+                                 data={**good, **bad, "idempotency_key": str(uuid.uuid4())})
+        assert resp.status == 400 and field in await resp.text(), (bad, resp.status)
+    assert await pool.fetchval("SELECT count(*) FROM credit_grants") == 0
+    resp = await client.post(f"/console/accounts/{account_id}/grants", data={**good, "idempotency_key": "g-1"},
+                             allow_redirects=False)
+    assert resp.status == 303
+    page = await (await client.get(resp.headers["Location"])).text()
+    assert rows(page, "grants") == 1 and "2100-01-01 00:00:00 UTC" in page

@@ -62,6 +62,9 @@ async def test_balance_has_lumenfalls_shape_and_exact_micros(client: TestClient,
             "available_micros": 12_250_000,
             "balance_micros": 12_500_000,
             "held_micros": 250_000,
+            "paid_micros": 12_500_000,
+            "promotional_micros": 0,
+            "next_expiry": None,
         }
         assert '"amount":12.25,' in await resp.text()
 

@@ -185,7 +185,10 @@ async def test_verify_names_a_tampered_cached_balance(pool: asyncpg.Pool) -> Non
     account = await make_account(pool, balance_micros=1_000)
     await pool.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = $1", account)
     problems = await verify(pool)
-    assert len(problems) == 1 and problems[0].startswith("cached-balance: account " + account)
+    # The cached balance no longer matches its transfers, nor what the account's credit grants hold.
+    assert problems == [f"cached-balance: account {account} caches credits 1001 / debits 0 but its transfers sum to"
+                        " 1000 / 0", f"grants: account {account} has 1000 micros left in its credit grants but a"
+                        " balance of 1001"]
 
 
 async def test_verify_names_both_sides_of_a_charge_that_does_not_match_its_hold(pool: asyncpg.Pool) -> None:
@@ -196,6 +199,8 @@ async def test_verify_names_both_sides_of_a_charge_that_does_not_match_its_hold(
         "INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, request_id,"
         " balance_after_micros) VALUES ($1, $1, 'op_revenue', 40, 'charge', 'req_orphan', 960) RETURNING id", account)
     await pool.execute("UPDATE accounts SET debits_posted = 40 WHERE id = $1", account)
+    await pool.execute("UPDATE credit_grants SET remaining_micros = 960, spent_micros = 40 WHERE account_id = $1",
+                       account)
     await pool.execute(
         "INSERT INTO holds (request_id, account_id, amount_micros, state, expires_at, resolved_at, actual_micros)"
         " VALUES ('req_unpaid', $1, 50, 'settled', now(), now(), 30)", account)

@@ -59,4 +59,4 @@ async def test_the_built_wheel_installs_and_serves_from_any_directory(tmp_path: 
         async with http.get(f"{base}/console/static/uPlot-1.6.32.iife.min.js") as script:
             assert script.status == 200 and len(await script.read()) > 10_000
         assert await schema.applied(database) == [m.version for m in schema.migrations()]
-        assert await database.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 3
+        assert await database.fetchval("SELECT count(*) FROM accounts WHERE kind <> 'customer'") == 5

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from billing import db, schema
+from billing.verify import verify
 from tests.conftest import ROOT
 from tests.factories import billed_request, make_account
 
@@ -60,6 +61,11 @@ async def test_a_database_built_before_migrations_is_brought_forward_with_its_da
     await schema.migrate(reference)
     assert await describe(old) == await describe(reference)
     assert await old.fetchval("SELECT credits_posted - debits_posted FROM accounts WHERE id = $1", account) == 4_300
+    # Credit grants (migration 0011): the balance became one paid grant, so the ledger verifies as it did.
+    grant = await old.fetchrow("SELECT * FROM credit_grants WHERE account_id = $1", account)
+    assert (grant["category"], grant["amount_micros"], grant["remaining_micros"], grant["expires_at"]) == (
+        "paid", 4_300, 4_300, None)
+    assert await verify(old) == []
     assert await old.fetchval("SELECT to_regclass('meterline_schema')") is None
 
 

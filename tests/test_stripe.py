@@ -1,7 +1,7 @@
 """Stripe top-ups (issue 16) against a fake Stripe on loopback: a Checkout Session is created for the account with
 the amount asked, its payment credits exactly once however Stripe delivers the event (repeated, concurrent, to two
-gateway apps on one database), unverifiable events move nothing, and refunds and lost disputes post one negative
-adjustment each that may overdraw the account, which then gets no new hold."""
+gateway apps on one database), unverifiable events move nothing, and refunds and lost disputes post one `refund`
+debit each that may overdraw the account, which then gets no new hold."""
 
 from __future__ import annotations
 
@@ -216,10 +216,10 @@ async def test_a_refund_of_spent_credit_overdraws_once_and_the_next_hold_is_refu
     assert [(b["action"], b["amount_micros"]) for _, b in results] == [
         ("reversed", -10_000_000), ("reversed", -15_000_000), ("ignored", 0), ("ignored", 0)]
     assert await kinds(pool, account_id) == [("topup", DOLLARS_25), ("charge", -20_000_000),
-                                              ("adjustment", -10_000_000), ("adjustment", -15_000_000)]
+                                              ("refund", -10_000_000), ("refund", -15_000_000)]
     assert await available(pool, account_id) == -20_000_000
     # The part of the refunds that was already spent is recorded as overrun: the ledger stays sound.
-    assert await pool.fetchval("SELECT sum(overrun_micros) FROM transfers WHERE kind = 'adjustment'") == 20_000_000
+    assert await pool.fetchval("SELECT sum(overrun_micros) FROM transfers WHERE kind = 'refund'") == 20_000_000
     with pytest.raises(InsufficientBalance):
         await ledger.reserve(pool, request_id=request_id(), account_id=account_id, amount_micros=0, ttl_seconds=60)
     answer = await gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES},
@@ -237,7 +237,7 @@ async def test_a_refund_of_spent_credit_overdraws_once_and_the_next_hold_is_refu
     assert await verify(pool) == []
 
 
-async def test_a_lost_dispute_posts_one_negative_adjustment_and_a_won_one_none(
+async def test_a_lost_dispute_posts_one_refund_debit_and_a_won_one_none(
     gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
 ) -> None:
     account_id, secret = await make_customer(pool)
@@ -250,7 +250,7 @@ async def test_a_lost_dispute_posts_one_negative_adjustment_and_a_won_one_none(
     assert sorted((b["action"], b["amount_micros"]) for _, b in results) == [
         ("ignored", 0), ("ignored", 0), ("ignored", 0), ("reversed", -DOLLARS_25)]
     assert await kinds(pool, account_id) == [("topup", DOLLARS_25), ("topup", DOLLARS_25),
-                                              ("adjustment", -DOLLARS_25)]
+                                              ("refund", -DOLLARS_25)]
     assert await available(pool, account_id) == DOLLARS_25
     admin = await gateway.get(f"/admin/accounts/{account_id}/payments", headers=admin_headers())
     assert admin.status == 200

@@ -1,5 +1,5 @@
 """The admin console: the overview, accounts (search, create), and an account (balance, ledger, top-ups and
-adjustments, keys, recent requests). Every change goes through billing/, as the admin API's do.
+adjustments, credit grants, keys, recent requests). Every change goes through billing/, as the admin API's do.
 
 Top-ups and adjustments carry an Idempotency-Key generated when the form is rendered, so submitting the same form
 twice (a double click, a reload) credits once: the second answer is the first one's replay.
@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from billing import accounts, keys, ledger, limits, overview, reports, requests_log, rollups
+from billing import accounts, grants, keys, ledger, limits, overview, reports, requests_log, rollups
+from billing.errors import InvalidRule
 from billing.money import MAX_MICROS, usd_to_micros
 from gateway.console.charts import by_day, chart, period
 from gateway.console.common import int_field, render, see_other, text_field
@@ -25,6 +26,7 @@ from gateway.keys import CATALOG, KEY_STORE, POOL
 
 PAGE = 25
 LEDGER_PAGE = 50
+GRANTS_PAGE = 50
 LOW_BALANCE_MICROS = 1_000_000  # an account with less than $1 available is listed as running low
 
 
@@ -126,8 +128,11 @@ async def _account_context(request: web.Request, account_id: str) -> dict[str, A
         "account": account, "entries": entries[:LEDGER_PAGE],
         "older": entries[LEDGER_PAGE - 1]["id"] if len(entries) > LEDGER_PAGE else None,
         "keys": await overview.account_keys(pool, account_id), "requests": page.records,
+        "parts": await grants.balance_parts(pool, account_id),
+        "grants": await grants.list_grants(pool, account_id, limit=GRANTS_PAGE),
         # A fresh Idempotency-Key per rendered form: the same form posted twice moves money once.
         "topup_key": f"console-{uuid.uuid4()}", "adjustment_key": f"console-{uuid.uuid4()}",
+        "grant_key": f"console-{uuid.uuid4()}", "granted": request.query.get("granted"),
         "posted": request.query.get("posted"), "replayed": request.query.get("replayed") == "1",
         "updated": request.query.get("updated"),
         "new_key": None,
@@ -169,6 +174,39 @@ async def topup(request: web.Request) -> web.Response:
 
 async def adjustment(request: web.Request) -> web.Response:
     return await _post(request, kind="adjustment")
+
+
+def _utc_field(form: Any, name: str) -> datetime | None:
+    """A date and time field (a browser's datetime-local, or ISO-8601): UTC unless it gives its own offset."""
+    text = text_field(form, name, max_length=40)
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise invalid(f"{name} must be a date and time, such as 2026-12-31T23:59", name) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+async def grant(request: web.Request) -> web.Response:
+    """Grant paid or promotional credit, as POST /admin/accounts/{id}/grants does (under the form's key)."""
+    account_id = request.match_info["account_id"]
+    form = await request.post()
+    idem = text_field(form, "idempotency_key", required=True, max_length=255)
+    category = text_field(form, "category", required=True, max_length=20)
+    priority = int_field(form, "priority", low=0, high=100)
+    text = text_field(form, "amount_usd", required=True, max_length=32)
+    assert text is not None and category is not None
+    try:
+        result, replayed = await grants.grant_once(
+            request.config_dict[POOL], idempotency_key=idem or "", account_id=account_id, category=category,
+            amount_micros=usd_to_micros(text),
+            priority=grants.DEFAULT_PRIORITY if priority is None else priority,
+            effective_at=_utc_field(form, "effective_at"), expires_at=_utc_field(form, "expires_at"),
+            description=text_field(form, "description", max_length=1000))
+    except InvalidRule as exc:
+        raise invalid(str(exc), "amount_usd" if exc.field == "amount_micros" else exc.field) from None
+    return see_other(f"/console/accounts/{account_id}?granted={result['id']}&replayed={1 if replayed else 0}")
 
 
 def _limit_changes(form: Any, *, blank_clears: bool) -> dict[str, Any]:
@@ -234,6 +272,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/accounts/{account_id}", account_page)
     app.router.add_post("/accounts/{account_id}/topups", topup)
     app.router.add_post("/accounts/{account_id}/adjustments", adjustment)
+    app.router.add_post("/accounts/{account_id}/grants", grant)
     app.router.add_post("/accounts/{account_id}/keys", key_create)
     app.router.add_post("/keys/{key_id}/revoke", key_revoke)
     app.router.add_post("/keys/{key_id}/settings", key_update)

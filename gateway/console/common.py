@@ -91,9 +91,12 @@ def _usd(micros: int | None) -> str:
     return f"-${format_usd(-micros)}" if micros < 0 else f"${format_usd(micros)}"
 
 
-def _when(value: datetime | None) -> str:
+def _when(value: datetime | str | None) -> str:
+    """A time in UTC to the second; an ISO-8601 string (as an API answer renders one) reads as well."""
     if value is None:
         return "—"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

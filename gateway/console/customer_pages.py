@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from billing import accounts, limits, requests_log, rollups
+from billing import accounts, grants, limits, requests_log, rollups
 from gateway.console.charts import chart, period
 from gateway.console.common import SESSION, render
 from gateway.keys import POOL
@@ -27,6 +27,7 @@ async def me(request: web.Request) -> web.Response:
         "start": start, "last": end - timedelta(days=1),
         "spend_chart": chart([d["day"] for d in days], {"Spend": [d["cost_micros"] for d in days]}, unit="micros"),
         "account": await accounts.get_account(pool, session.account_id),
+        "parts": await grants.balance_parts(pool, session.account_id),
         "key": await limits.key_status(pool, session.key_id),
         "requests": page.records,
     })
