@@ -126,24 +126,13 @@ def render(row: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-async def bring_forward(conn: asyncpg.Connection, account_id: str) -> None:
-    """Bring the account's grants to the clock (what any money step on it does first), if one is due."""
-    if not await conn.fetchval("SELECT grants_due_at <= meterline_now() FROM accounts WHERE id = $1", account_id):
-        return
-    async with conn.transaction():
-        due = await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND grants_due_at <= meterline_now()"
-                                  " FOR UPDATE", account_id)
-        if due:
-            await conn.execute("SELECT meterline_grants_due($1)", account_id)
-
-
 async def list_grants(conn: Executor, account_id: str, *, limit: int,
                       after: str | None = None) -> list[dict[str, Any]]:
     """The account's grants, newest first, `limit` at a time after the grant `after`. Raises AccountNotFound."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
             return await list_grants(own, account_id, limit=limit, after=after)
-    await bring_forward(conn, account_id)
+    await ledger.bring_forward(conn, account_id)
     exists = await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer'", account_id)
     if not exists:
         raise AccountNotFound(account_id)
@@ -186,7 +175,7 @@ async def balance_parts(conn: Executor, account_id: str) -> dict[str, Any]:
             return await balance_parts(own, account_id)
     row = await conn.fetchrow(_PARTS_SQL, account_id)
     if row is not None and row["due"]:
-        await bring_forward(conn, account_id)
+        await ledger.bring_forward(conn, account_id)
         row = await conn.fetchrow(_PARTS_SQL, account_id)
     if row is None:
         raise AccountNotFound(account_id)

@@ -301,20 +301,40 @@ async def post_once(
         return result, False
 
 
-async def coverable_micros(conn: Executor, account_id: str, key_id: str) -> tuple[int, int | None]:
+async def bring_forward(conn: Executor, account_id: str) -> None:
+    """Bring the account's credit grants to the clock (post those whose time came, expire those past their expiry),
+    as every money step on it does first; for the reads that answer what a step would decide."""
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own:
+            return await bring_forward(own, account_id)
+    async with conn.transaction():
+        due = await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND grants_due_at <= meterline_now()"
+                                  " FOR UPDATE", account_id)
+        if due:
+            await conn.execute("SELECT meterline_grants_due($1)", account_id)
+
+
+_COVERABLE = """
+    SELECT a.credits_posted - a.debits_posted - a.held_micros AS available,
+           (SELECT meterline_key_left(k) FROM api_keys k WHERE k.id = $2 AND k.limit_micros IS NOT NULL) AS key_left,
+           COALESCE(a.grants_due_at <= meterline_now(), false) AS due
+      FROM accounts a WHERE a.id = $1
+"""
+
+
+async def coverable_micros(conn: Executor, account_id: str, key_id: str | None) -> tuple[int, int | None]:
     """The account's available balance, and what the key's spend limit leaves for new holds (None: no limit),
-    as meterline_reserve would read them now."""
-    row = await conn.fetchrow(
-        "SELECT a.credits_posted - a.debits_posted - a.held_micros AS available,"
-        " (SELECT meterline_key_left(k) FROM api_keys k WHERE k.id = $2 AND k.limit_micros IS NOT NULL) AS key_left"
-        " FROM accounts a WHERE a.id = $1", account_id, key_id)
+    as meterline_reserve would read them now (its credit grants brought to the clock first, as it does)."""
+    row = await conn.fetchrow(_COVERABLE, account_id, key_id)
+    if row is not None and row["due"]:
+        await bring_forward(conn, account_id)
+        row = await conn.fetchrow(_COVERABLE, account_id, key_id)
     if row is None:
         return 0, None
     return int(row["available"]), row["key_left"]
 
 
 async def available_micros(conn: Executor, account_id: str) -> int:
-    value = await conn.fetchval(
-        "SELECT credits_posted - debits_posted - held_micros FROM accounts WHERE id = $1", account_id
-    )
-    return int(value or 0)
+    """The account's available balance, as meterline_reserve would read it now."""
+    available, _ = await coverable_micros(conn, account_id, None)
+    return available

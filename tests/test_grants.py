@@ -339,3 +339,17 @@ async def test_the_cli_grants_and_lists_with_the_apis_idempotency(pool: asyncpg.
                         "--expires-at", "2020-01-01T00:00:00Z", "--idempotency-key", "cli-2",
                         database_url=database_url, check=False)
     assert refused.returncode != 0 and "expires_at must be in the future" in refused.stderr
+
+
+async def test_what_a_dry_run_reads_is_what_the_hold_would_see_past_an_expiry(pool: asyncpg.Pool) -> None:
+    """The reads behind a dryRun and the balance bring the grants to the clock first, as the hold itself does: past
+    an expiry nobody has swept yet, they do not count the expired credit."""
+    account = await make_account(pool)
+    async with clock(pool, T0) as conn:
+        await grant(conn, account, 1_000, expires_at=T0 + HOUR)
+        await topup(conn, account, 500)
+        await pin(conn, T0 + HOUR)
+        assert await ledger.coverable_micros(conn, account, None) == (500, None)
+        assert await expired_to_operator(conn) == 1_000
+        assert await grants.sweep(conn) == 0  # already done by the read
+        assert await ledger.available_micros(conn, account) == 500
