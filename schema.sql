@@ -1176,7 +1176,7 @@ END $$;
 -- `adjustment` from op_adjustments, `grant` from op_promotions), the cached balance, and the grant's remaining,
 -- less the debt the account carried (an overrun's or a reversal's), which a credit pays first. A credit that
 -- lifts the available balance back to the low-balance or auto top-up threshold re-arms it. A top-up writes its
--- `topup.posted` webhook event with it.
+-- `topup.posted` webhook event with it, a promotional grant its `credit.granted`.
 CREATE OR REPLACE FUNCTION meterline_grant_post(p_grant_id text, p_kind text)
 RETURNS TABLE (transfer_id bigint, balance_after bigint, held bigint, created_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -1214,6 +1214,12 @@ BEGIN
             'account_id', g.account_id, 'transfer_id', v_id, 'amount_micros', g.amount_micros,
             'balance_micros', v_balance, 'available_micros', v_balance - v_held, 'description', g.description,
             'created_at', v_created), 'topup.posted:' || v_id, NULL);
+    ELSIF p_kind = 'grant' THEN
+        PERFORM meterline_webhook_emit(g.account_id, 'credit.granted', jsonb_build_object(
+            'account_id', g.account_id, 'grant_id', g.id, 'category', g.category, 'priority', g.priority,
+            'amount_micros', g.amount_micros, 'expires_at', g.expires_at, 'description', g.description,
+            'transfer_id', v_id, 'balance_micros', v_balance, 'available_micros', v_balance - v_held,
+            'created_at', v_created), 'credit.granted:' || g.id, NULL);
     END IF;
     RETURN QUERY SELECT v_id, v_balance, v_held, v_created;
 END $$;
@@ -1223,8 +1229,8 @@ END $$;
 -- needs: only the part of the expired grants that the unexpired credit and the pending holds leave uncovered is
 -- transferred to op_expired now, so no expiry takes the available balance below zero; the rest stays (drawn
 -- last, only by the charges of holds already pending: the available balance is zero while it exists) and
--- expires as soon as those holds are resolved. Sets grants_due_at to when this must run next. Returns how many
--- transfers it wrote.
+-- expires as soon as those holds are resolved. Every expiry writes a `credit.expired` webhook event. Sets
+-- grants_due_at to when this must run next. Returns how many transfers it wrote.
 CREATE OR REPLACE FUNCTION meterline_grants_due(p_account_id text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1235,8 +1241,9 @@ DECLARE
     v_kept    bigint;
     v_expire  bigint;
     v_take    bigint;
-    v_balance bigint;
-    v_count   integer := 0;
+    v_balance  bigint;
+    v_transfer bigint;
+    v_count    integer := 0;
 BEGIN
     FOR g IN SELECT * FROM credit_grants
               WHERE account_id = p_account_id AND posted_at IS NULL AND effective_at <= v_now
@@ -1263,10 +1270,15 @@ BEGIN
         INSERT INTO transfers (account_id, debit_account_id, credit_account_id, amount_micros, kind, description,
                                balance_after_micros, grant_id)
         VALUES (p_account_id, p_account_id, 'op_expired', v_take, 'expiry',
-                format('the unspent credit of grant %s, expired at %s', g.id, g.expires_at), v_balance, g.id);
+                format('the unspent credit of grant %s, expired at %s', g.id, g.expires_at), v_balance, g.id)
+        RETURNING transfers.id INTO v_transfer;
         UPDATE credit_grants SET remaining_micros = remaining_micros - v_take,
                                  expired_micros = expired_micros + v_take
          WHERE id = g.id;
+        PERFORM meterline_webhook_emit(p_account_id, 'credit.expired', jsonb_build_object(
+            'account_id', p_account_id, 'grant_id', g.id, 'category', g.category, 'expired_micros', v_take,
+            'expires_at', g.expires_at, 'remaining_micros', g.remaining_micros - v_take, 'transfer_id', v_transfer,
+            'balance_micros', v_balance), 'credit.expired:' || v_transfer, NULL);
         v_count := v_count + 1;
     END LOOP;
     UPDATE accounts a SET grants_due_at = (

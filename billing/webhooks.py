@@ -33,7 +33,8 @@ from billing.db import Executor
 from billing.errors import BillingError
 
 EVENT_TYPES = ("video.completed", "video.failed", "video.cancelled", "balance.low", "key.limit_threshold",
-               "topup.posted", "webhook_endpoint.disabled", "auto_topup.failed", "auto_topup.disabled")
+               "topup.posted", "webhook_endpoint.disabled", "auto_topup.failed", "auto_topup.disabled",
+               "credit.granted", "credit.expired")
 MAX_ENDPOINTS = 20
 # Jitter from a generator of our own: the global `random` state belongs to whoever else shares the process.
 _JITTER = random.Random()

@@ -353,3 +353,23 @@ async def test_what_a_dry_run_reads_is_what_the_hold_would_see_past_an_expiry(po
         assert await expired_to_operator(conn) == 1_000
         assert await grants.sweep(conn) == 0  # already done by the read
         assert await ledger.available_micros(conn, account) == 500
+
+
+async def test_a_promotional_grant_and_its_expiry_write_one_webhook_event_each(pool: asyncpg.Pool) -> None:
+    account = await make_account(pool)
+    async with clock(pool, T0) as conn:
+        promo = await grant(conn, account, 1_000, priority=5, expires_at=T0 + HOUR, description="launch week")
+        await topup(conn, account, 500)
+        await charge(conn, account, 300, actual=300)
+        await pin(conn, T0 + HOUR)
+        await grants.sweep(conn)
+        await grants.sweep(conn)
+        events = await conn.fetch("SELECT type, data FROM webhook_events WHERE account_id = $1 ORDER BY created_at,"
+                                  " type", account)
+    by_type = {e["type"]: e["data"] for e in events}
+    assert sorted(e["type"] for e in events) == ["credit.expired", "credit.granted", "topup.posted"]
+    granted, expired = by_type["credit.granted"], by_type["credit.expired"]
+    assert (granted["grant_id"], granted["category"], granted["priority"], granted["amount_micros"],
+            granted["description"]) == (promo, "promotional", 5, 1_000, "launch week")
+    assert (expired["grant_id"], expired["expired_micros"], expired["remaining_micros"],
+            expired["balance_micros"]) == (promo, 700, 0, 500)
