@@ -31,6 +31,7 @@ import asyncpg
 from billing import idempotency, ledger
 from billing.db import Executor
 from billing.errors import AccountNotFound, InvalidAmount, InvalidRule
+from billing.exports import iso_utc
 from billing.money import check_range
 
 CATEGORIES = ("paid", "promotional")
@@ -114,7 +115,7 @@ async def grant_once(pool: asyncpg.Pool, *, idempotency_key: str, **grant: Any) 
 
 def render(row: dict[str, Any], now: datetime) -> dict[str, Any]:
     def iso(value: datetime | None) -> str | None:
-        return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return None if value is None else iso_utc(value)
 
     return {
         "id": row["id"], "object": "credit_grant", "account_id": row["account_id"], "category": row["category"],

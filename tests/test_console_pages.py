@@ -265,7 +265,8 @@ async def test_the_grant_form_refuses_bad_input_naming_the_field_and_grants_noth
             "expires_at": "2100-01-01T00:00", "description": ""}
     for bad, field in (({"expires_at": "2001-01-01T00:00"}, "expires_at"), ({"expires_at": "soon"}, "expires_at"),
                        ({"category": "gift"}, "category"), ({"priority": "101"}, "priority"),
-                       ({"amount_usd": "-1"}, "amount_usd"), ({"effective_at": "2200-01-01T00:00"}, "expires_at")):
+                       ({"amount_usd": "-1"}, "amount_usd"), ({"amount_usd": "five"}, "amount"),
+                       ({"effective_at": "2200-01-01T00:00"}, "expires_at")):
         resp = await client.post(f"/console/accounts/{account_id}/grants",
                                  data={**good, **bad, "idempotency_key": str(uuid.uuid4())})
         assert resp.status == 400 and field in await resp.text(), (bad, resp.status)
