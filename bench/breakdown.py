@@ -73,6 +73,10 @@ async def _pg_stats(url: str) -> dict[str, float]:
             out[f"{row['funcname']}:calls"] = float(row["calls"])
             out[f"{row['funcname']}:total_ms"] = float(row["total_time"])
             out[f"{row['funcname']}:self_ms"] = float(row["self_time"])
+        xacts = await conn.fetchrow("SELECT xact_commit, xact_rollback, tup_inserted, tup_updated FROM"
+                                    " pg_stat_database WHERE datname = current_database()")
+        assert xacts is not None
+        out.update({f"db:{k}": float(v) for k, v in dict(xacts).items()})
         wal = await conn.fetchrow("SELECT wal_sync, wal_sync_time, wal_write, wal_write_time FROM pg_stat_wal")
         assert wal is not None
         out.update({f"wal:{k}": float(v) for k, v in dict(wal).items()})
@@ -178,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                     totals["relay_cpu_s"] = totals.get("relay_cpu_s", 0.0) + arm.service.cpu_seconds() - cpu_before
                     totals["relay_calls"] = totals.get("relay_calls", 0.0) + int(result.get("ok", args.requests))
                 if arm.name == "meterline":
-                    done = int(result.get("ok", args.requests))
-                    count += done
+                    cpu = {"gateway_cpu_s": svc.cpu_seconds() - cpu_before,
+                           "db_cpu_s": (database.cpu_seconds() or 0.0) - db_cpu}
+                    # A backend reports its statistics when idle, up to 10 s later (PGSTAT_IDLE_INTERVAL): wait for
+                    # the gateway's connections to report this round before reading them (the CPU is read first).
+                    time.sleep(11)
+                    count += int(result.get("ok", args.requests))
                     for k, v in {**_delta(_metrics(svc.port), metrics),
-                                 **_delta(asyncio.run(_pg_stats(database.url)), stats),
-                                 "gateway_cpu_s": svc.cpu_seconds() - cpu_before,
-                                 "db_cpu_s": (database.cpu_seconds() or 0.0) - db_cpu}.items():
+                                 **_delta(asyncio.run(_pg_stats(database.url)), stats), **cpu}.items():
                         totals[k] = totals.get(k, 0.0) + v
         fsync_ms = _fdatasync_ms(work / "pgdata")
         if spy is not None:
@@ -266,6 +272,9 @@ def _figures(p50: dict[str, list[float]], totals: dict[str, float], count: int, 
         "in_grants_draw_ms": per_call_ms("meterline_grants_draw"),
         "in_key_release_ms": per_call_ms("meterline_key_release"),
         "wal_syncs_per_call": syncs / count if count else 0.0,
+        "transactions_per_call": totals.get("db:xact_commit", 0.0) / count if count else 0.0,
+        "rows_inserted_per_call": totals.get("db:tup_inserted", 0.0) / count if count else 0.0,
+        "rows_updated_per_call": totals.get("db:tup_updated", 0.0) / count if count else 0.0,
         "wal_sync_ms": totals.get("wal:wal_sync_time", 0.0) / syncs if syncs else 0.0,
         "wal_write_ms_per_call": totals.get("wal:wal_write_time", 0.0) / count if count else 0.0,
         "fdatasync_ms": fsync_ms,
@@ -295,6 +304,8 @@ def _print(f: dict[str, Any]) -> None:
         f"    the gateway's own work outside those               {f['gateway_own_ms']:.3f} ms",
         f"  CPU per call: gateway {f['gateway_cpu_ms']:.3f} ms (the bare relay's {f['relay_cpu_ms']:.3f} ms),"
         f" PostgreSQL {f['db_cpu_ms']:.3f} ms",
+        f"  per call: {f['transactions_per_call']:.2f} transactions committed, {f['rows_inserted_per_call']:.2f} rows"
+        f" inserted, {f['rows_updated_per_call']:.2f} updated",
         f"  WAL flushes per call {f['wal_syncs_per_call']:.2f}; fdatasync on the database's disk"
         f" {f['fdatasync_ms']:.3f} ms (median of 200)",
     ]
