@@ -1024,7 +1024,7 @@ CREATE TABLE payments (
     id              text PRIMARY KEY,
     account_id      text NOT NULL REFERENCES accounts (id),
     kind            text NOT NULL CHECK (kind IN ('checkout', 'auto_topup')),
-    status          text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'paid', 'failed')),
+    status          text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'paid', 'failed', 'expired')),
     session_id      text UNIQUE,
     payment_intent  text UNIQUE,
     amount_micros   bigint NOT NULL CHECK (amount_micros > 0),

@@ -101,7 +101,7 @@ async def list_payments(conn: Executor, account_id: str, *, limit: int) -> list[
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an event did: `action` is credited, reversed or ignored; `amount_micros` is signed, what was posted
+    """What an event did: `action` is credited, reversed, expired or ignored; `amount_micros` is signed, what was posted
     now (0 when nothing was); `reason` says why nothing moved."""
 
     action: str
@@ -124,6 +124,8 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any]) -> Outcome:
         if obj.get("payment_status") != "paid":
             return _ignored(f"the session's payment_status is {obj.get('payment_status')!r}, not paid")
         return await _fulfil(pool, obj)
+    if kind == "checkout.session.expired":
+        return await _expire(pool, obj)
     if kind == "charge.refunded":
         return await _refund(pool, obj)
     if kind == "charge.dispute.closed":
@@ -155,12 +157,13 @@ async def _fulfil(pool: asyncpg.Pool, session: dict[str, Any]) -> Outcome:
             "INSERT INTO payments (id, account_id, kind, session_id, amount_micros)"
             " SELECT $1, $2, 'checkout', $3, $4 WHERE EXISTS (SELECT FROM accounts WHERE id = $2 AND kind = 'customer')"
             " ON CONFLICT (session_id) DO NOTHING", new_id("pay"), account_id, session_id, paid)
-        # The gate: only the delivery that finds the row open turns it paid (a concurrent one waits on the row
-        # lock, then finds it paid and updates nothing).
+        # The gate: only the delivery that finds the row unpaid turns it paid (a concurrent one waits on the row
+        # lock, then finds it paid and updates nothing). An expired session that Stripe says was paid after all is
+        # still credited: money paid is never left behind.
         payment_id = await conn.fetchval(
             "UPDATE payments SET status = 'paid', paid_micros = $3, completed_at = now(),"
             " payment_intent = COALESCE($4, payment_intent)"
-            " WHERE session_id = $1 AND account_id = $2 AND status = 'open' RETURNING id",
+            " WHERE session_id = $1 AND account_id = $2 AND status IN ('open', 'expired') RETURNING id",
             session_id, account_id, paid, intent if isinstance(intent, str) else None)
         if payment_id is None:
             return _ignored("the session is already paid, or is not a payment of that account")
@@ -168,6 +171,18 @@ async def _fulfil(pool: asyncpg.Pool, session: dict[str, Any]) -> Outcome:
                                     description=f"Stripe payment {payment_id} (checkout session {session_id})")
         await conn.execute("UPDATE payments SET transfer_id = $2 WHERE id = $1", payment_id, posting.transfer_id)
     return Outcome("credited", paid, payment_id)
+
+
+async def _expire(pool: asyncpg.Pool, session: dict[str, Any]) -> Outcome:
+    """A session that expired unpaid: its open payment says so (`expired`), and nothing moves."""
+    session_id = session.get("id")
+    if not isinstance(session_id, str) or session.get("payment_status") == "paid":
+        return _ignored("the session has no id, or was paid")
+    payment_id = await pool.fetchval("UPDATE payments SET status = 'expired' WHERE session_id = $1 AND status = 'open'"
+                                     " RETURNING id", session_id)
+    if payment_id is None:
+        return _ignored("no open payment has that session")
+    return Outcome("expired", 0, payment_id)
 
 
 async def _reverse(conn: Executor, payment: asyncpg.Record, amount_micros: int, description: str) -> None:

@@ -372,7 +372,7 @@ class Payment(_Shape):
     id: str
     object: Literal["payment"]
     kind: Literal["checkout", "auto_topup"]
-    status: Literal["open", "paid", "failed"]
+    status: Literal["open", "paid", "failed", "expired"]
     session_id: str | None
     failure: str | None
     amount_micros: int
@@ -393,7 +393,7 @@ class StripeEventReceipt(_Shape):
 
     object: Literal["stripe_event"]
     id: str | None
-    action: Literal["credited", "reversed", "failed", "ignored"]
+    action: Literal["credited", "reversed", "failed", "expired", "ignored"]
     amount_micros: int
 
 

@@ -393,3 +393,27 @@ async def test_deliveries_racing_across_two_serve_processes_credit_once(
 def test_a_bad_stripe_setting_stops_the_start_naming_it(overrides: dict[str, Any], named: str) -> None:
     with pytest.raises(SettingsError, match=re.escape(named)):
         load_settings(config=ROOT / "config" / "meterline.toml", stripe=overrides)
+
+
+async def test_a_session_that_expires_unpaid_turns_its_payment_expired_and_a_late_payment_still_credits(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, secret = await make_customer(pool)
+    session = await checkout(gateway, secret)
+    expired = fake_stripe.sign(fake_stripe.event("checkout.session.expired", {
+        **fake_stripe.session_paid(session["id"], payment_status="unpaid"), "status": "expired"}))
+    results = await asyncio.gather(*(deliver(gateway, expired.payload, expired.header) for _ in range(2)))
+    assert sorted((s, b["action"], b["amount_micros"]) for s, b in results) == [(200, "expired", 0),
+                                                                                   (200, "ignored", 0)]
+    row = await pool.fetchrow("SELECT status, paid_micros, completed_at FROM payments WHERE session_id = $1",
+                              session["id"])
+    assert tuple(row) == ("expired", None, None)
+    assert await available(pool, account_id) == 0
+    listed = await (await gateway.get("/v1/billing/payments", headers={"Authorization": f"Bearer {secret}"})).json()
+    assert [p["status"] for p in listed["data"]] == ["expired"]
+    # Stripe never pays an expired session; were it to say so, the money paid is credited once all the same.
+    paid = fake_stripe.sign(fake_stripe.event("checkout.session.completed", fake_stripe.session_paid(session["id"])))
+    status, body = await deliver(gateway, paid.payload, paid.header)
+    assert (status, body["action"], body["amount_micros"]) == (200, "credited", DOLLARS_25)
+    assert await kinds(pool, account_id) == [("topup", DOLLARS_25)]
+    assert await verify(pool) == []

@@ -1,7 +1,7 @@
--- Migration 0011: credit grants (issue 16). Every credit is a grant (paid or promotional, with a priority, an
--- effective time and an optional expiry); charges and debits draw on the grants in the spending order, and the
--- unspent part of a grant is transferred to op_expired when it expires. Existing balances become one paid grant
--- per account, so every balance stays what it was.
+-- Migration 0011: credit grants (issue 16), and expired Checkout Sessions. Every credit is a grant (paid or
+-- promotional, with a priority, an effective time and an optional expiry); charges and debits draw on the grants in the
+-- spending order, and the unspent part of a grant is transferred to op_expired when it expires. Existing balances
+-- become one paid grant per account, so every balance stays what it was.
 
 ALTER TABLE accounts
     DROP CONSTRAINT accounts_kind_check,
@@ -15,6 +15,11 @@ ALTER TABLE transfers
     ADD CONSTRAINT transfers_kind_check
         CHECK (kind IN ('topup', 'adjustment', 'charge', 'grant', 'expiry', 'refund')),
     ADD COLUMN grant_id text;
+
+-- A Checkout Session that expired unpaid (checkout.session.expired) leaves its payment `expired`, not open.
+ALTER TABLE payments
+    DROP CONSTRAINT payments_status_check,
+    ADD CONSTRAINT payments_status_check CHECK (status IN ('open', 'paid', 'failed', 'expired'));
 
 CREATE OR REPLACE FUNCTION meterline_seed() RETURNS void LANGUAGE sql AS $$
     INSERT INTO accounts (id, kind, name) VALUES
