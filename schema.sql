@@ -39,6 +39,9 @@ CREATE TABLE accounts (
     -- Credit grants (issue 16): when one of its grants next takes effect or expires (NULL: none will), so that a
     -- money step brings the account's grants to the clock (meterline_grants_due) with one comparison.
     grants_due_at          timestamptz,
+    -- The card the account last paid a checkout with, saved to its Stripe customer for off-session use: what an
+    -- auto top-up rule charges unless it names another.
+    stripe_payment_method  text,
     CHECK (kind = 'customer' OR (credits_posted = 0 AND debits_posted = 0 AND held_micros = 0))
 );
 CREATE INDEX accounts_grants_due ON accounts (grants_due_at) WHERE grants_due_at IS NOT NULL;

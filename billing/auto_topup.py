@@ -63,9 +63,9 @@ async def get_rule(conn: Executor, account_id: str) -> dict[str, Any] | None:
 
 async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, threshold_micros: int, amount_micros: int,
                    payment_method: str | None) -> dict[str, Any]:
-    """Write the account's rule (a None payment_method keeps the saved one). Writing it clears its failures and
-    the reason it was disabled, and arms it; disabling it drops a trigger not yet sent to Stripe. An enabled rule
-    needs a payment method (InvalidRule)."""
+    """Write the account's rule (a None payment_method keeps the rule's, or takes the card the account last paid a
+    checkout with). Writing it clears its failures and the reason it was disabled, and arms it; disabling it drops
+    a trigger not yet sent to Stripe. An enabled rule needs a payment method (InvalidRule)."""
     async with pool.acquire() as conn, conn.transaction():
         if await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer' FOR UPDATE",
                                account_id) is None:
@@ -75,9 +75,11 @@ async def set_rule(pool: asyncpg.Pool, account_id: str, *, enabled: bool, thresh
                 "INSERT INTO auto_topup_rules AS r (account_id, enabled, threshold_micros, amount_micros,"
                 " payment_method) VALUES ($1, $2, $3, $4,"
                 # the saved method, in the proposed row too: its CHECK is tested before the conflict is found
-                "  COALESCE($5, (SELECT payment_method FROM auto_topup_rules WHERE account_id = $1)))"
+                "  COALESCE($5, (SELECT payment_method FROM auto_topup_rules WHERE account_id = $1),"
+                "           (SELECT stripe_payment_method FROM accounts WHERE id = $1)))"
                 " ON CONFLICT (account_id) DO UPDATE SET enabled = $2, threshold_micros = $3, amount_micros = $4,"
-                "   payment_method = COALESCE($5, r.payment_method), failures = 0, disabled_reason = NULL,"
+                "   payment_method = COALESCE($5, r.payment_method, EXCLUDED.payment_method), failures = 0,"
+                "   disabled_reason = NULL,"
                 "   disabled_at = NULL, updated_at = now()"
                 f" RETURNING {_RULE_COLUMNS}", account_id, enabled, threshold_micros, amount_micros, payment_method)
         except asyncpg.CheckViolationError:
@@ -189,6 +191,24 @@ async def record_failure(conn: Executor, payment_id: str, reason: str) -> Failur
     return None if row is None else Failure(row["account_id"], row["failures"], row["disabled"])
 
 
+async def _save_card(pool: asyncpg.Pool, event: dict[str, Any], intent: Any) -> Outcome:
+    """A checkout's own PaymentIntent succeeded: its card (saved off-session to the account's Stripe customer)
+    becomes the account's saved payment method, which auto top-up charges unless its rule names another."""
+    metadata = intent.get("metadata") if isinstance(intent, dict) else None
+    account_id = metadata.get(ACCOUNT_METADATA) if isinstance(metadata, dict) else None
+    method, customer = (intent.get("payment_method"), intent.get("customer")) if isinstance(intent, dict) else (
+        None, None)
+    if event.get("type") != "payment_intent.succeeded" or not all(
+            isinstance(v, str) for v in (account_id, method, customer)):
+        return Outcome("ignored", reason="the payment intent is not an auto top-up's, nor a checkout's paid card")
+    saved = await pool.fetchval(
+        "UPDATE accounts SET stripe_payment_method = $3 WHERE id = $1 AND stripe_customer_id = $2 RETURNING id",
+        account_id, customer, method)
+    if saved is None:
+        return Outcome("ignored", reason="the intent's customer is not that account's")
+    return Outcome("saved", reason="the checkout's card is saved for auto top-up")
+
+
 async def apply_event(pool: asyncpg.Pool, event: dict[str, Any]) -> Outcome:
     """Apply a verified payment_intent.* event: a success credits its auto top-up once, a failure is recorded once.
     Intents that are not Meterline's auto top-ups (a checkout's own) are ignored."""
@@ -196,7 +216,7 @@ async def apply_event(pool: asyncpg.Pool, event: dict[str, Any]) -> Outcome:
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
     payment_id = metadata.get(PAYMENT_METADATA) if isinstance(metadata, dict) else None
     if not isinstance(payment_id, str):
-        return Outcome("ignored", reason="the payment intent is not an auto top-up's")
+        return await _save_card(pool, event, obj)
     if event.get("type") == "payment_intent.payment_failed":
         error = obj.get("last_payment_error") or {}
         reason = (error.get("code") or error.get("message") or "payment failed") if isinstance(error, dict) else (

@@ -101,8 +101,8 @@ async def list_payments(conn: Executor, account_id: str, *, limit: int) -> list[
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an event did: `action` is credited, reversed, expired or ignored; `amount_micros` is signed, what was posted
-    now (0 when nothing was); `reason` says why nothing moved."""
+    """What an event did: `action` is credited, reversed, failed, expired, saved (a card) or ignored;
+    `amount_micros` is signed, what was posted now (0 when nothing was); `reason` says why nothing moved."""
 
     action: str
     amount_micros: int = 0

@@ -112,7 +112,9 @@ async def checkout(request: web.Request) -> web.Response:
         "customer": customer,
         "client_reference_id": account_id,
         "metadata": {payments.ACCOUNT_METADATA: account_id},
-        "payment_intent_data": {"metadata": {payments.ACCOUNT_METADATA: account_id}},
+        # The card is saved to the customer for off-session use: auto top-up charges it (billing.auto_topup).
+        "payment_intent_data": {"metadata": {payments.ACCOUNT_METADATA: account_id},
+                                "setup_future_usage": "off_session"},
         "line_items": [{"quantity": 1, "price_data": {
             "currency": payments.CURRENCY, "unit_amount": cents,
             "product_data": {"name": "Meterline credit"}}}],

@@ -393,7 +393,7 @@ class StripeEventReceipt(_Shape):
 
     object: Literal["stripe_event"]
     id: str | None
-    action: Literal["credited", "reversed", "failed", "expired", "ignored"]
+    action: Literal["credited", "reversed", "failed", "expired", "saved", "ignored"]
     amount_micros: int
 
 

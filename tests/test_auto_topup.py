@@ -356,3 +356,33 @@ async def test_disabling_the_rule_drops_a_trigger_not_yet_sent_to_stripe(
     assert await triggers(pool, account_id) == [("failed", DOLLARS_10)]
     assert await ledger.available_micros(pool, account_id) == 3_000_000
     assert await verify(pool) == []
+
+
+async def test_the_card_of_a_paid_checkout_is_saved_and_a_rule_without_one_charges_it(
+    gateway: TestClient, pool: asyncpg.Pool, fake_stripe: FakeStripe
+) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=5_500_000)
+    response = await gateway.post("/v1/billing/checkout", json={"amount_usd": "25.00"}, headers=bearer(secret))
+    session = fake_stripe.sessions[(await response.json())["id"]]
+    assert session["payment_intent_data_sent"] == {"metadata": {"meterline_account_id": account_id},
+                                                   "setup_future_usage": "off_session"}
+    rule = {"enabled": True, "threshold_micros": THRESHOLD, "amount_micros": DOLLARS_10}
+    refused = await gateway.put("/v1/billing/auto-topup", json=rule, headers=bearer(secret))
+    assert (refused.status, (await refused.json())["error"]["param"]) == (400, "payment_method")  # no card yet
+    intent = {"id": "pi_checkout", "object": "payment_intent", "status": "succeeded", "amount_received": 2500,
+              "currency": "usd", "customer": session["customer"], "payment_method": "pm_from_checkout",
+              "metadata": {"meterline_account_id": account_id}}
+    # Another customer's intent naming this account saves nothing.
+    stranger = await deliver(gateway, fake_stripe, fake_stripe.event(
+        "payment_intent.succeeded", {**intent, "customer": "cus_someone_else", "payment_method": "pm_stranger"}))
+    assert stranger["action"] == "ignored"
+    saved = await deliver(gateway, fake_stripe, fake_stripe.event("payment_intent.succeeded", intent))
+    assert (saved["action"], saved["amount_micros"]) == ("saved", 0)  # its money came with the session
+    response = await gateway.put("/v1/billing/auto-topup", json=rule, headers=bearer(secret))
+    assert response.status == 200, await response.text()
+    assert (await response.json())["payment_method"] == "pm_from_checkout"
+    await billed_request(pool, account_id, hold_micros=1_000_000, cost_micros=1_000_000)
+    assert await charge_triggers(gateway.app) == 1
+    assert fake_stripe.intent_requests[-1]["payment_method"] == "pm_from_checkout"
+    assert await ledger.available_micros(pool, account_id) == 4_500_000  # nothing moves before Stripe says so
+    assert await verify(pool) == []

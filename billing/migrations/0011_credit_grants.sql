@@ -16,6 +16,9 @@ ALTER TABLE transfers
         CHECK (kind IN ('topup', 'adjustment', 'charge', 'grant', 'expiry', 'refund')),
     ADD COLUMN grant_id text;
 
+-- The card the account last paid a checkout with (saved off-session): what an auto top-up charges by default.
+ALTER TABLE accounts ADD COLUMN stripe_payment_method text;
+
 -- A Checkout Session that expired unpaid (checkout.session.expired) leaves its payment `expired`, not open.
 ALTER TABLE payments
     DROP CONSTRAINT payments_status_check,

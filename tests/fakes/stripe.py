@@ -119,6 +119,7 @@ class FakeStripe:
             "payment_intent": None, "success_url": params.get("success_url"), "cancel_url": params.get("cancel_url"),
             "url": f"{self.base}/c/pay/{session_id}", "created": int(time.time()), "livemode": False,
             "line_items_sent": items,  # not Stripe's: what the test reads back
+            "payment_intent_data_sent": params.get("payment_intent_data", {}),  # nor this
         }
         self.sessions[session_id] = session
         return web.json_response(session)
@@ -182,7 +183,7 @@ class FakeStripe:
         session = self.sessions[session_id]
         session.update(status="complete", payment_status=payment_status,
                        payment_intent=session["payment_intent"] or f"pi_{secrets.token_hex(12)}")
-        return {k: v for k, v in session.items() if k != "line_items_sent"}
+        return {k: v for k, v in session.items() if not k.endswith("_sent")}
 
     def charge(self, session_id: str, *, amount_refunded: int) -> dict[str, Any]:
         """The session's charge, with `amount_refunded` cents refunded so far (cumulative, as Stripe counts it)."""
