@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -42,7 +41,7 @@ import asyncpg
 
 from bench import meterline
 from bench.arms import Arm, Generator
-from bench.procs import Service, cpus, free_port, python_module
+from bench.procs import Service, cpus, fdatasync_ms, free_port, python_module
 
 _FUNCTIONS = ("meterline_reserve", "meterline_settle", "meterline_record", "meterline_grants_draw",
               "meterline_key_release", "meterline_rate_hit")
@@ -100,24 +99,6 @@ async def _enable_stats(url: str, settings: list[str]) -> None:
         await conn.execute("SELECT pg_reload_conf()")
     finally:
         await conn.close()
-
-
-def _fdatasync_ms(directory: Path, times: int = 200) -> float:
-    """The median time of one 8 KiB write + fdatasync in `directory` (the database's disk)."""
-    path = directory / "fdatasync-probe"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        block = os.urandom(8192)
-        took = []
-        for i in range(times):
-            os.pwrite(fd, block, (i % 16) * 8192)
-            started = time.perf_counter()
-            os.fdatasync(fd)
-            took.append(time.perf_counter() - started)
-        return statistics.median(took) * 1000
-    finally:
-        os.close(fd)
-        path.unlink()
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -191,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in {**_delta(_metrics(svc.port), metrics),
                                  **_delta(asyncio.run(_pg_stats(database.url)), stats), **cpu}.items():
                         totals[k] = totals.get(k, 0.0) + v
-        fsync_ms = _fdatasync_ms(work / "pgdata")
+        fsync_ms = fdatasync_ms(work / "pgdata")
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=60)

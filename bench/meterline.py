@@ -152,12 +152,12 @@ def serve_supports(flag: str) -> bool:
     return flag in out.stdout
 
 
-def start(workdir: Path, env: dict[str, str], *, cpu: int | None, workers: int) -> Service:
+def start(workdir: Path, env: dict[str, str], *, cpu: int | None, workers: int, name: str = "meterline") -> Service:
     port = free_port()
     argv = python_module("gateway.cli", "serve", "--port", str(port))
     if workers > 1:
         argv += ["--workers", str(workers)]
-    service = Service("meterline", argv, port=port, log=workdir / "meterline.log", env=env, cpu=cpu)
+    service = Service(name, argv, port=port, log=workdir / f"{name}.log", env=env, cpu=cpu)
     service.wait_ready()
     return service
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import meterline, peer, report, workloads
 from bench.arms import Arm, Generator
-from bench.procs import Service, cpus, free_port, python_module
+from bench.procs import Service, cpus, fdatasync_ms, free_port, python_module
 
 SPREAD_ACCOUNTS = 1000
 RESULTS = Path("bench") / "results" / "latest.json"  # ignored by git
@@ -139,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             level = results["sweep"]["best"][main_arm.name]["at_concurrency"]
             log(f"one hot account vs {SPREAD_ACCOUNTS} accounts")
             results["accounts"] = workloads.hot_vs_spread(bench, billed[0], billed[1], level)
+            log("--workers 2 against --workers 1, neither pinned")
+            assert database is not None and customers is not None and config is not None
+            env = meterline.environment(database.url, config)
+            scaling = []
+            for workers in (1, 2):
+                svc = meterline.start(work, env, cpu=None, workers=workers, name=f"meterline-workers-{workers}")
+                stack.callback(svc.stop)
+                scaling.append(Arm(f"meterline-workers-{workers}", svc, billed=True,
+                                   header_sets=[{"Authorization": f"Bearer {customers.hot_key}"}]))
+            workloads.warm_up(bench, scaling)
+            results["workers"] = workloads.workers_scaling(bench, scaling[0], scaling[1], level)
             log(f"RSS over {profile.rss_total:,} requests")
             results["rss"] = workloads.rss_growth(bench, billed[0])
             log("checking the ledger")
@@ -149,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["gates"] = {"passed": True, "failures": [], "billed_responses": 0,
                                 "note": "no Meterline arm: nothing was billed"}
+        # The price of one durable commit on the database's disk (for an external server, the work directory's:
+        # its own disk is not known here), against which the added latency is judged.
+        results["commit_ms"] = fdatasync_ms(work / "pgdata" if (work / "pgdata").is_dir() else work)
         log("stopping")
     return _finish(args, results)
 

@@ -229,6 +229,17 @@ def hot_vs_spread(bench: Bench, hot: Arm, spread: Arm, concurrency: int) -> dict
             "ratio": _ratio(runs[hot.name], runs[spread.name], "rps"), "rounds": runs}
 
 
+def workers_scaling(bench: Bench, one: Arm, two: Arm, concurrency: int) -> dict[str, Any]:
+    """`serve --workers 1` against `--workers 2`, neither pinned (so two workers may use both cores), closed loop at
+    the same concurrency, interleaved: does a second worker raise the throughput?"""
+    p = bench.profile
+    bench.knobs(latency_ms=0)
+    runs = bench.rounds([one, two], lambda arm: arm.job(mode="closed", concurrency=concurrency,
+                                                         duration_s=p.accounts_s))
+    return {"concurrency": concurrency, "one_rps": _med(runs[one.name], "rps"), "two_rps": _med(runs[two.name], "rps"),
+            "ratio": _ratio(runs[two.name], runs[one.name], "rps"), "rounds": runs}
+
+
 def rss_growth(bench: Bench, arm: Arm) -> dict[str, Any]:
     """Resident memory of the gateway over many requests; growth is counted from the end of the first
     segment, once caches and pools are warm."""
