@@ -7,7 +7,9 @@ Each function takes the connection (or pool) to run on and performs one atomic s
     settle   post the actual charge for a held request and release the rest (once)
     void     release a hold without charging (once)
     sweep    expire holds past their expiry (safe to run in several processes)
-    post     a top-up or an adjustment, optionally under an idempotency key
+    post     a top-up, an adjustment or a refund, optionally under an idempotency key
+    bring_forward  bring an account's credit grants to the clock (billing.grants), for the reads that answer what a
+                   money step would decide
 """
 
 from __future__ import annotations
