@@ -133,11 +133,14 @@ async def list_grants(conn: Executor, account_id: str, *, limit: int,
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
             return await list_grants(own, account_id, limit=limit, after=after)
-    await ledger.bring_forward(conn, account_id)
-    exists = await conn.fetchval("SELECT true FROM accounts WHERE id = $1 AND kind = 'customer'", account_id)
-    if not exists:
+    account = await conn.fetchrow("SELECT COALESCE(grants_due_at <= meterline_now(), false) AS due,"
+                                  " meterline_now() AS now FROM accounts WHERE id = $1 AND kind = 'customer'",
+                                  account_id)
+    if account is None:
         raise AccountNotFound(account_id)
-    now = await conn.fetchval("SELECT meterline_now()")
+    if account["due"]:
+        await ledger.bring_forward(conn, account_id)
+    now = account["now"]
     rows = await conn.fetch(
         f"""SELECT {_GRANT_COLUMNS} FROM credit_grants
              WHERE account_id = $1
