@@ -192,15 +192,19 @@ async def _gates(url: str, customers: Customers, book: Ledgerbook) -> list[str]:
     failures = list(book.bad)
     conn = await asyncpg.connect(url)
     try:
-        deadline = time.monotonic() + 15
-        pending = 0
+        # Holds end with their calls; quota grants are given back once idle (quota_idle_seconds, 10 s).
+        deadline = time.monotonic() + 30
+        pending = quotas = 0
         while time.monotonic() < deadline:
             pending = await conn.fetchval("SELECT count(*) FROM holds WHERE state = 'pending'")
-            if pending == 0:
+            quotas = await conn.fetchval("SELECT count(*) FROM quotas WHERE state = 'pending'")
+            if pending == 0 and quotas == 0:
                 break
             await asyncio.sleep(0.2)
         if pending:
             failures.append(f"{pending} holds are still pending after the run")
+        if quotas:
+            failures.append(f"{quotas} quota grants are still pending 30 s after the run")
         balance, held = await conn.fetchrow(
             "SELECT COALESCE(sum(credits_posted - debits_posted), 0), COALESCE(sum(held_micros), 0)"
             " FROM accounts WHERE kind = 'customer'")

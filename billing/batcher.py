@@ -46,6 +46,32 @@ SELECT i.n, s.state, s.hold_micros, s.actual_micros, s.overrun_micros, s.replaye
   LEFT JOIN LATERAL meterline_settle(i.request_id, i.actual, i.estimated, i.record::jsonb) s ON true
 """
 
+_QUOTA_SETTLE_BATCH = """
+SELECT i.n, s.state, s.hold_micros, s.actual_micros, s.overrun_micros, s.replayed, s.released
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[],
+              $8::bigint[], $9::text[])
+       WITH ORDINALITY AS i(quota_id, request_id, key_id, worst, actual, estimated, record, age_ms, reason, n)
+ CROSS JOIN LATERAL meterline_quota_settle(i.quota_id, i.request_id, i.key_id, i.worst, i.actual, i.estimated,
+                                           i.record::jsonb, i.age_ms, i.reason) s
+"""
+_QUOTA_SETTLE_ONE = "SELECT * FROM meterline_quota_settle($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaCharge:
+    """One call admitted under a quota, ended: charged `actual_micros`, or voided (None, with `reason`)."""
+
+    quota_id: str
+    account_id: str  # to order the batch, as the quota is locked before its account
+    request_id: str
+    key_id: str | None
+    worst_micros: int
+    actual_micros: int | None
+    estimated: bool
+    record: dict[str, Any] | None
+    age_ms: int
+    reason: str | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class _Hold:
@@ -176,6 +202,9 @@ class LedgerBatcher:
         self._charges: _Queue[_Charge, Resolution] = _Queue(
             "settle", self._settle_batch, self._settle_one, max_batch=max_batch, max_inflight=max_inflight,
             observe=observe)
+        self._quota_charges: _Queue[QuotaCharge, tuple[Resolution, int]] = _Queue(
+            "quota_settle", self._quota_batch, self._quota_one, max_batch=max_batch, max_inflight=max_inflight,
+            observe=observe)
 
     async def reserve(self, *, request_id: str, account_id: str, amount_micros: int, min_micros: int | None = None,
                       ttl_seconds: float, key_id: str | None = None) -> Reservation:
@@ -194,13 +223,53 @@ class LedgerBatcher:
         ledger.check_charge(actual_micros)
         return await self._charges.submit(_Charge(request_id, account_id, actual_micros, estimated, record))
 
+    async def quota_settle(self, charge: QuotaCharge) -> tuple[Resolution, int]:
+        """Charge or void one call admitted under a quota (meterline_quota_settle): committed when this returns,
+        with what the quota gave up to it."""
+        if charge.actual_micros is not None:
+            ledger.check_charge(charge.actual_micros)
+        return await self._quota_charges.submit(charge)
+
     async def close(self) -> None:
         await self._holds.close()
         await self._charges.close()
+        await self._quota_charges.close()
 
     def stats(self) -> dict[str, int]:
         return {"reserve_batches": self._holds.statements, "reserves": self._holds.items,
-                "settle_batches": self._charges.statements, "settles": self._charges.items}
+                "settle_batches": self._charges.statements, "settles": self._charges.items,
+                "quota_settle_batches": self._quota_charges.statements,
+                "quota_settles": self._quota_charges.items}
+
+    @staticmethod
+    def _quota_outcome(row: asyncpg.Record | None, request_id: str) -> tuple[Resolution, int]:
+        resolution = ledger.resolution(row, request_id)
+        assert row is not None
+        return resolution, int(row["released"])
+
+    async def _quota_one(self, charge: QuotaCharge) -> tuple[Resolution, int]:
+        row = await self._pool.fetchrow(
+            _QUOTA_SETTLE_ONE, charge.quota_id, charge.request_id, charge.key_id, charge.worst_micros,
+            charge.actual_micros, charge.estimated, charge.record, charge.age_ms, charge.reason)
+        return self._quota_outcome(row, charge.request_id)
+
+    async def _quota_batch(self, charges: list[QuotaCharge]) -> list[tuple[Resolution, int] | Exception]:
+        order = sorted(range(len(charges)), key=lambda i: (charges[i].account_id, charges[i].request_id))
+        ordered = [charges[i] for i in order]
+        rows = await self._pool.fetch(
+            _QUOTA_SETTLE_BATCH, [c.quota_id for c in ordered], [c.request_id for c in ordered],
+            [c.key_id for c in ordered], [c.worst_micros for c in ordered], [c.actual_micros for c in ordered],
+            [c.estimated for c in ordered],
+            [None if c.record is None else db.to_json(c.record) for c in ordered],
+            [c.age_ms for c in ordered], [c.reason for c in ordered])
+        by_n = {row["n"]: row for row in rows}
+        out: list[tuple[Resolution, int] | Exception] = [ValueError("no outcome")] * len(charges)
+        for n, i in enumerate(order, start=1):
+            try:
+                out[i] = self._quota_outcome(by_n.get(n), charges[i].request_id)
+            except BillingError as exc:
+                out[i] = exc
+        return out
 
     async def _reserve_one(self, hold: _Hold) -> Reservation:
         return await ledger.reserve_unworded(self._pool, request_id=hold.request_id, account_id=hold.account_id,

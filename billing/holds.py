@@ -28,14 +28,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from billing import idempotency, ledger
-from billing.batcher import LedgerBatcher
-from billing.errors import BillingError, DatabaseUnavailable, DuplicateRequest, UnknownHold
+from billing.batcher import LedgerBatcher, QuotaCharge
+from billing.errors import BillingError, DatabaseUnavailable, DuplicateRequest, InsufficientBalance, UnknownHold
 from billing.ledger import Reservation, Resolution
+from billing.quotas import Admission, QuotaBook
 from billing.records import Outcome, RequestRecord
 from billing.tasks import TaskOwner
 
@@ -44,6 +46,9 @@ log = logging.getLogger("meterline.holds")
 _JITTER = random.Random()
 
 T = TypeVar("T")
+
+# A quota call's reservation has no expiry of its own: its quota's beat keeps it alive while the call runs.
+_NO_EXPIRY = datetime.max.replace(tzinfo=UTC)
 
 _FIRST_RETRY_SECONDS = 0.05
 _MAX_RETRY_SECONDS = 2.0
@@ -121,6 +126,53 @@ class Batched:
         return await ledger.void(self.pool, request_id=hold.request_id, reason=reason, record=record)
 
 
+class Quoted:
+    """Chat on an account without a per-key spend limit: admitted in memory against this process's quota on the
+    account when it fits (billing.quotas), else a per-call hold as `Batched`. A quota call's charge or void is one
+    group-committed statement (meterline_quota_settle) that writes its hold row already resolved."""
+
+    void_without_hold = False
+
+    def __init__(self, batched: Batched, book: QuotaBook) -> None:
+        self.batched = batched
+        self.book = book
+
+    async def reserve(self, hold: Hold, low: int, high: int) -> Reservation:
+        admission = self.book.admit(hold.account_id, hold.request_id, high)
+        if admission is not None:
+            hold.admission = admission
+            return Reservation(hold.request_id, high, admission.quota.room, _NO_EXPIRY)
+        try:
+            return await self.batched.reserve(hold, low, high)
+        except InsufficientBalance:
+            # This process's quota on the account may hold what the call needs: give its room back and ask again,
+            # so that a call is refused only when the balance truly cannot cover it.
+            if not await self.book.give_back(hold.account_id):
+                raise
+            return await self.batched.reserve(hold, low, high)
+
+    async def _quota(self, hold: Hold, actual: int | None, estimated: bool, record: dict[str, Any],
+                     reason: str | None) -> Resolution:
+        admission = hold.admission
+        assert admission is not None
+        resolution, released = await self.batched.batcher.quota_settle(QuotaCharge(
+            admission.quota.id, hold.account_id, hold.request_id, hold.key_id, admission.worst, actual, estimated,
+            record, admission.age_ms, reason))
+        self.book.release(admission, released)
+        return resolution
+
+    async def settle(self, hold: Hold, actual_micros: int, estimated: bool, record: dict[str, Any],
+                     response: dict[str, Any] | None) -> Resolution:
+        if hold.admission is None:
+            return await self.batched.settle(hold, actual_micros, estimated, record, response)
+        return await self._quota(hold, actual_micros, estimated, record, None)
+
+    async def void(self, hold: Hold, reason: str, record: dict[str, Any]) -> Resolution:
+        if hold.admission is None:
+            return await self.batched.void(hold, reason, record)
+        return await self._quota(hold, None, False, record, reason)
+
+
 class Claimed:
     """Images: one transaction per step, which also stores (on settle) or frees (on void) the call's claim on an
     Idempotency-Key, so a replay finds exactly the answer that was charged."""
@@ -156,23 +208,30 @@ class Claimed:
 
 
 class Holds:
-    """The app's hold service: opens a Hold per billed call, with the steps its modality needs."""
+    """The app's hold service: opens a Hold per billed call, with the steps its modality needs. With a QuotaBook,
+    chat calls of keys without a spend limit are admitted against this process's quotas where they fit."""
 
     def __init__(self, pool: asyncpg.Pool, batcher: LedgerBatcher, tasks: TaskOwner, *, ttl_seconds: float,
-                 void_wait_seconds: float, events: HoldEvents | None = None) -> None:
+                 void_wait_seconds: float, events: HoldEvents | None = None,
+                 quotas: QuotaBook | None = None) -> None:
         self.pool = pool
         self.tasks = tasks
         self.events = events or NoEvents()
         self.ttl_seconds = ttl_seconds
         self.void_wait_seconds = void_wait_seconds
         self.batched = Batched(pool, batcher, ttl_seconds)
+        self.quoted = None if quotas is None else Quoted(self.batched, quotas)
 
     def claimed(self, claim: idempotency.Claim | None) -> Claimed:
         return Claimed(self.pool, self.ttl_seconds, claim)
 
     def open(self, request_id: str, *, account_id: str, key_id: str | None, record: RequestRecord,
-             steps: Steps | None = None) -> Hold:
-        return Hold(self.tasks, steps or self.batched, request_id=request_id, account_id=account_id,
+             steps: Steps | None = None, spend_limited: bool = True) -> Hold:
+        """`spend_limited`: the key has a spend limit (its calls always take per-call holds, which the limit
+        bounds)."""
+        if steps is None:
+            steps = self.batched if spend_limited or self.quoted is None else self.quoted
+        return Hold(self.tasks, steps, request_id=request_id, account_id=account_id,
                     key_id=key_id, record=record, void_wait_seconds=self.void_wait_seconds, events=self.events)
 
 
@@ -191,6 +250,7 @@ class Hold:
         self.record = record
         self.reservation: Reservation | None = None
         self.resolution: Resolution | None = None
+        self.admission: Admission | None = None  # admitted under this process's quota (billing.quotas)
         self._opened = time.monotonic()
         self._resolving = False
         self._handed_off = False

@@ -57,6 +57,8 @@ class ApiKey:
     rpd_limit: int | None = None
     # lumyx's Detailed Logging: chats are stored as conversations and may use memory (billing.conversations).
     detailed_logging: bool = False
+    # The key has a spend limit: its calls take per-call holds, which the limit bounds (billing.quotas).
+    spend_limited: bool = False
 
 
 async def create_key(conn: Executor, *, account_id: str, name: str | None,
@@ -163,14 +165,15 @@ class KeyStore:
                 return cached[1]
         epoch = self._epoch
         row = await self._conn.fetchrow(
-            "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit, detailed_logging FROM api_keys"
+            "SELECT id, account_id, name, prefix, digest, rpm_limit, rpd_limit, detailed_logging,"
+            " limit_micros IS NOT NULL AS spend_limited FROM api_keys"
             " WHERE digest = $1 AND revoked_at IS NULL",
             wanted,
         )
         key = None
         if row is not None and hmac.compare_digest(bytes(row["digest"]), wanted):
             key = ApiKey(row["id"], row["account_id"], row["name"], row["prefix"],
-                         row["rpm_limit"], row["rpd_limit"], row["detailed_logging"])
+                         row["rpm_limit"], row["rpd_limit"], row["detailed_logging"], row["spend_limited"])
         if epoch != self._epoch:
             return key  # a key changed while this was read: the answer may predate it, so it is not kept
         if len(self._cache) >= self._max:

@@ -21,7 +21,7 @@ GROUPS = {
     "provider": "COALESCE(provider, upstream, '')",
 }
 
-FLAG_KINDS = ("estimated", "overrun", "expired_then_settled", "expired_unsettled")
+FLAG_KINDS = ("estimated", "overrun", "expired_then_settled", "expired_unsettled", "in_flight_unsettled")
 
 
 def _period(start: datetime, end: datetime) -> None:
@@ -69,6 +69,14 @@ _FLAGS_SQL = """
                h.overrun_micros
           FROM holds h
          WHERE (h.expired_first OR h.state = 'expired') AND h.created_at >= $1 AND h.created_at < $2
+        UNION ALL
+        -- Calls a process admitted under its quota and never charged: it died with them in flight. Its last intent
+        -- record names them (billing.quotas); its quota expired when it stopped renewing it.
+        SELECT 'in_flight_unsettled', f.id, q.account_id, f.at, 0::bigint, f.micros, 0::bigint
+          FROM quotas q
+         CROSS JOIN LATERAL jsonb_to_recordset(q.in_flight) AS f(id text, micros bigint, at timestamptz)
+         WHERE q.state = 'expired' AND f.at >= $1 AND f.at < $2
+           AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.request_id = f.id)
     ) f
 """
 
@@ -79,7 +87,7 @@ async def flags(
     """Charges finance should look at in [start, end): (counts per kind, the first `limit` flags by time).
 
     A charge can carry two flags (estimated and an overrun); a hold that expired is flagged whether or not its
-    late charge arrived.
+    late charge arrived; a call in flight under a quota whose process died is `in_flight_unsettled`.
     """
     _period(start, end)
     counts = {kind: 0 for kind in FLAG_KINDS}

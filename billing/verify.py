@@ -26,12 +26,27 @@ _CHECKS: dict[str, str] = {
            AND (a.credits_posted <> COALESCE(c.total, 0) OR a.debits_posted <> COALESCE(d.total, 0))
     """,
     "cached-holds": """
-        SELECT format('account %s caches %s micros held but its pending holds sum to %s',
-                      a.id, a.held_micros, COALESCE(h.total, 0)) AS problem
+        SELECT format('account %s caches %s micros held but its pending holds and quotas sum to %s',
+                      a.id, a.held_micros, COALESCE(h.total, 0) + COALESCE(q.total, 0)) AS problem
           FROM accounts a
           LEFT JOIN (SELECT account_id, sum(amount_micros) AS total FROM holds
                       WHERE state = 'pending' GROUP BY 1) h ON h.account_id = a.id
-         WHERE a.kind = 'customer' AND a.held_micros <> COALESCE(h.total, 0)
+          LEFT JOIN (SELECT account_id, sum(amount_micros) AS total FROM quotas
+                      WHERE state = 'pending' GROUP BY 1) q ON q.account_id = a.id
+         WHERE a.kind = 'customer' AND a.held_micros <> COALESCE(h.total, 0) + COALESCE(q.total, 0)
+    """,
+    "quotas": """
+        SELECT format('quota %s says its calls drew %s micros from it but their charges drew %s',
+                      q.id, q.drawn_micros, COALESCE(c.total, 0)) AS problem
+          FROM quotas q
+          LEFT JOIN (SELECT quota_id, sum(LEAST(amount_micros, actual_micros)) AS total FROM holds
+                      WHERE quota_id IS NOT NULL AND state = 'settled' AND NOT expired_first GROUP BY 1) c
+                 ON c.quota_id = q.id
+         WHERE q.drawn_micros <> COALESCE(c.total, 0)
+        UNION ALL
+        SELECT format('quota %s expired at %s but is still pending at %s', id, expires_at, now())
+          FROM quotas
+         WHERE state = 'pending' AND expires_at < now() - make_interval(secs => $1)
     """,
     "key-holds": """
         SELECT format('key %s caches %s micros held but its pending limited holds sum to %s',

@@ -13,6 +13,7 @@ from billing.batcher import LedgerBatcher
 from billing.errors import DatabaseUnavailable
 from billing.holds import Holds
 from billing.keys import KeyStore, follow_key_changes
+from billing.quotas import QuotaBook, QuotaRules
 from billing.tasks import TaskOwner
 from gateway import (
     access,
@@ -43,7 +44,7 @@ from gateway.breaker import Breakers
 from gateway.contract import Answer, operation
 from gateway.errors import error_middleware
 from gateway.failover import BREAKERS
-from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, SETTINGS, TASKS
+from gateway.keys import CATALOG, HOLDS, HTTP, KEY_STORE, POOL, QUOTAS, SETTINGS, TASKS
 from gateway.render import json_response
 from gateway.settings import Settings, SettingsError
 from gateway.tasks import start_housekeeping, start_sweeper
@@ -92,8 +93,18 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     tasks = TaskOwner()
     app[TASKS] = tasks
+    book = None
+    if settings.quotas:
+        book = QuotaBook(app[POOL], QuotaRules(
+            share_ppm=settings.quota_share_ppm, min_calls=settings.quota_min_calls,
+            beat_seconds=settings.quota_beat_seconds, horizon_seconds=settings.quota_horizon_seconds,
+            idle_seconds=settings.quota_idle_seconds, call_ttl_seconds=settings.hold_ttl_seconds),
+            events=app[metrics.METRICS])
+        app[QUOTAS] = book
+        tasks.background(book.run(), "quota beat")
     app[HOLDS] = Holds(app[POOL], app[BATCHER], tasks, ttl_seconds=settings.hold_ttl_seconds,
-                       void_wait_seconds=settings.stream_settle_wait_seconds, events=app[metrics.METRICS])
+                       void_wait_seconds=settings.stream_settle_wait_seconds, events=app[metrics.METRICS],
+                       quotas=book)
     start_sweeper(app)
     start_housekeeping(app)
     yield

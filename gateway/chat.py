@@ -102,7 +102,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     hold = app[HOLDS].open(request[REQUEST_ID], account_id=key.account_id, key_id=key.id, record=RequestRecord(
         model=entry.id, modality="text", endpoint=request.path, upstream=entry.upstream, user=chat.user,
         client_request_id=client_request_id(request)),
-        steps=steps)
+        steps=steps, spend_limited=key.spend_limited)
     access.billed(request, hold)
     quote, _, output_tokens = await text.reserve(hold, quote)
     try:  # from here on the hold exists: every way out of this block ends it

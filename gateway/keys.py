@@ -9,6 +9,7 @@ from aiohttp import web
 from billing.catalog import Catalog
 from billing.holds import Holds
 from billing.keys import ApiKey, KeyStore
+from billing.quotas import QuotaBook
 from billing.tasks import TaskOwner
 from gateway.settings import Settings
 
@@ -19,6 +20,8 @@ KEY_STORE = web.AppKey("key_store", KeyStore)
 TASKS = web.AppKey("tasks", TaskOwner)
 # The one hold lifecycle every billed call goes through (holds and settlements group-committed for chat).
 HOLDS = web.AppKey("holds", Holds)
+# This process's quota grants (billing.quotas), unless `quotas` is off.
+QUOTAS = web.AppKey("quotas", QuotaBook)
 # The one client session (and connection pool) for every upstream call.
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 # The priced model catalog (local entries + the text upstream's, refreshed in the background).

@@ -209,6 +209,12 @@ class Metrics:
             "meterline_provider_circuit_open", "1 while a provider's breaker is open or half-open in some live "
             "process (it is skipped there), else 0", ("upstream", "model"), registry=own,
             multiprocess_mode="livemax")
+        self.quota_events = counter(
+            "meterline_quota_events", "Quota grants (billing.quotas) by event: taken, grown, shrunk (room given "
+            "back with calls in flight), returned", ("event",))
+        self.quota_micros = counter(
+            "meterline_quota_micros", "Micros added to quota grants (taken, grown) or given back from them "
+            "(shrunk, returned), by event", ("event",))
         self.processes = Gauge("meterline_processes", "Gateway processes serving (live ones)", registry=own,
                                multiprocess_mode="livesum")
         self.processes.set(1)
@@ -251,6 +257,11 @@ class Metrics:
         self._holds(resolution.state).inc()
         if resolution.state == "settled":
             self.charged_micros.inc(resolution.actual_micros)
+
+    @_guarded
+    def quota(self, event: str, micros: int) -> None:
+        self.quota_events.labels(event).inc()
+        self.quota_micros.labels(event).inc(max(micros, 0))
 
     @_guarded
     def expired(self, count: int) -> None:

@@ -125,6 +125,20 @@ class Settings(BaseSettings):
     key_cache_notified_seconds: float = Field(default=300.0, ge=0)
     sweep_interval_seconds: float = Field(default=5.0, gt=0)
     hold_ttl_seconds: float = Field(default=900.0, gt=0)
+    # Quota grants (billing.quotas; README, "Quota grants"): each process holds a quota on the accounts it serves and
+    # admits chat calls of keys without a spend limit against it in memory. Off: every call takes a per-call hold.
+    quotas: bool = True
+    # A quota is at most this share (in millionths) of the account's available balance, and covers at least
+    # quota_min_calls worst cases of the account's calls (an account with less takes per-call holds).
+    quota_share_ppm: int = Field(default=250_000, ge=1, le=1_000_000)
+    quota_min_calls: int = Field(default=8, ge=1)
+    # How often a process writes its quotas' calls in flight (the intent record the reconciliation report names
+    # lost calls from) and grows them; a kill can leave unnamed only the calls admitted within the last beat.
+    quota_beat_seconds: float = Field(default=0.1, gt=0, le=5)
+    # A quota is sized to this many seconds of the account's recent worst-case demand.
+    quota_horizon_seconds: float = Field(default=2.0, gt=0)
+    # A quota unused this long is given back.
+    quota_idle_seconds: float = Field(default=10.0, gt=0)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="Locally priced models")
     # Chat completions and the model catalog (issue 3).

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from billing import console, conversation_store, grants, ledger
+from billing import console, conversation_store, grants, ledger, quotas
 from billing.errors import DatabaseUnavailable
 from gateway.keys import POOL, SETTINGS, TASKS
 from gateway.metrics import METRICS
@@ -43,6 +43,11 @@ async def sweep_expired_holds(app: web.Application) -> None:
         log.info("expired %d holds past their expiry", expired)
     # Credit grants whose effective time or expiry has come, on accounts no money step has touched since.
     await grants.sweep(app[POOL])
+    # Quota grants whose holder stopped beating (a killed process): what they hold is released.
+    lapsed = await quotas.sweep(app[POOL])
+    if lapsed:
+        log.warning("expired %d quota grants whose process stopped renewing them; the reconciliation report "
+                    "names their calls in flight that were never charged (in_flight_unsettled)", lapsed)
 
 
 def start_sweeper(app: web.Application) -> None:

@@ -189,6 +189,9 @@ def settings(database_url: str) -> Settings:
         sweep_interval_seconds=0.2,
         pool_min_size=1,
         remote_catalog=False,  # no test reaches the real OpenRouter; chat tests point it at a fake
+        # The tests state per-call holds exactly (what is held and available after each call); quota grants, which
+        # hold part of a rich account's balance for a process, have their own tests (tests/test_quotas.py).
+        quotas=False,
     )
 
 

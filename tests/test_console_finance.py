@@ -294,7 +294,8 @@ async def test_the_finance_page_with_no_data_one_row_and_many(client: TestClient
 
     counts, listed = await reports.flags(pool, start=start, end=end, limit=FLAGS_SHOWN)
     # Three overruns: `over`, `late` (its expired hold released everything) and gpt's 1,200 on a 1,000 hold.
-    assert counts == {"estimated": FLAGS_SHOWN, "overrun": 3, "expired_then_settled": 1, "expired_unsettled": 1}
+    assert counts == {"estimated": FLAGS_SHOWN, "overrun": 3, "expired_then_settled": 1, "expired_unsettled": 1,
+                      "in_flight_unsettled": 0}
     assert flag_counts(html) == counts
     assert rows(html, "flags") == FLAGS_SHOWN
     table = re.search(r'<table id="flags">.*?<tbody>(.*?)</tbody>', html, re.S)

@@ -77,7 +77,8 @@ async def test_flags_name_estimates_overruns_and_expired_holds(client: TestClien
     resp = await client.get("/admin/reports/flags", params=await _period(pool, start), headers=admin_headers())
     assert resp.status == 200
     body = await resp.json()
-    assert body["counts"] == {"estimated": 1, "overrun": 2, "expired_then_settled": 1, "expired_unsettled": 1}
+    assert body["counts"] == {"estimated": 1, "overrun": 2, "expired_then_settled": 1, "expired_unsettled": 1,
+                              "in_flight_unsettled": 0}
     flagged = {(f["kind"], f["request_id"]): (f["amount_micros"], f["hold_micros"], f["overrun_micros"])
                for f in body["data"]}
     assert flagged == {
