@@ -43,8 +43,8 @@ from bench import meterline
 from bench.arms import Arm, Generator
 from bench.procs import Service, cpus, fdatasync_ms, free_port, python_module
 
-_FUNCTIONS = ("meterline_reserve", "meterline_settle", "meterline_record", "meterline_grants_draw",
-              "meterline_key_release", "meterline_rate_hit")
+_FUNCTIONS = ("meterline_reserve", "meterline_settle", "meterline_quota_settle", "meterline_charge",
+              "meterline_record", "meterline_grants_draw", "meterline_key_release", "meterline_rate_hit")
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -57,7 +57,7 @@ def _metrics(port: int) -> dict[str, float]:
         match = re.match(r'(meterline_(?:request_duration_seconds|upstream_duration_seconds|'
                          r'ledger_batch_commit_seconds))_(sum|count)(\{[^}]*\})? ([0-9.e+-]+)$', line)
         if match:
-            kind = re.search(r'kind="([a-z]+)"', match[3] or "") if "ledger" in match[1] else None
+            kind = re.search(r'kind="([a-z_]+)"', match[3] or "") if "ledger" in match[1] else None
             key = f"{match[1]}{':' + kind[1] if kind else ''}_{match[2]}"
             wanted[key] = wanted.get(key, 0.0) + float(match[4])
     return wanted
@@ -228,11 +228,16 @@ def _figures(p50: dict[str, list[float]], totals: dict[str, float], count: int, 
         calls = totals.get(f"{function}:calls", 0.0)
         return totals.get(f"{function}:{what}", 0.0) / calls if calls else 0.0
 
+    def per_request_ms(name: str) -> float:
+        # A statement's time per billed call (under a quota grant a call runs no hold statement at all).
+        return 1000 * totals.get(f"{name}_sum", 0.0) / count if count else 0.0
+
     med = {name: statistics.median(values) for name, values in p50.items()}
     gateway = mean_ms("meterline_request_duration_seconds")
     upstream = mean_ms("meterline_upstream_duration_seconds")
-    reserve = mean_ms("meterline_ledger_batch_commit_seconds:reserve")
-    settle = mean_ms("meterline_ledger_batch_commit_seconds:settle")
+    reserve = per_request_ms("meterline_ledger_batch_commit_seconds:reserve")
+    settle = per_request_ms("meterline_ledger_batch_commit_seconds:settle")
+    quota = per_request_ms("meterline_ledger_batch_commit_seconds:quota_settle")
     syncs = totals.get("wal:wal_sync", 0.0)
     return {
         "requests": count,
@@ -242,13 +247,16 @@ def _figures(p50: dict[str, list[float]], totals: dict[str, float], count: int, 
         "upstream_ms": upstream,
         "reserve_statement_ms": reserve,
         "settle_statement_ms": settle,
-        "gateway_own_ms": gateway - upstream - reserve - settle,
+        "quota_statement_ms": quota,
+        "gateway_own_ms": gateway - upstream - reserve - settle - quota,
         "gateway_cpu_ms": 1000 * totals.get("gateway_cpu_s", 0.0) / count if count else 0.0,
         "db_cpu_ms": 1000 * totals.get("db_cpu_s", 0.0) / count if count else 0.0,
         "relay_cpu_ms": 1000 * totals.get("relay_cpu_s", 0.0) / max(totals.get("relay_calls", 0.0), 1.0),
         "in_reserve_ms": per_call_ms("meterline_reserve"),
         "in_settle_ms": per_call_ms("meterline_settle"),
         "in_settle_self_ms": per_call_ms("meterline_settle", "self_ms"),
+        "in_quota_settle_ms": per_call_ms("meterline_quota_settle"),
+        "quota_settles_per_call": totals.get("meterline_quota_settle:calls", 0.0) / count if count else 0.0,
         "in_record_ms": per_call_ms("meterline_record"),
         "in_grants_draw_ms": per_call_ms("meterline_grants_draw"),
         "in_key_release_ms": per_call_ms("meterline_key_release"),
@@ -264,14 +272,18 @@ def _figures(p50: dict[str, list[float]], totals: dict[str, float], count: int, 
 
 def _print(f: dict[str, Any]) -> None:
     added = f["added_p50_ms"]
-    rest_reserve = f["reserve_statement_ms"] - f["in_reserve_ms"] - f["wal_sync_ms"]
-    rest_settle = f["settle_statement_ms"] - f["in_settle_ms"] - f["wal_sync_ms"]
+    def rest(statement: str, inside: str) -> float:  # a statement no call ran has no rest
+        return f[statement] - f[inside] - f["wal_sync_ms"] if f[statement] else 0.0
+
+    rest_reserve = rest("reserve_statement_ms", "in_reserve_ms")
+    rest_settle = rest("settle_statement_ms", "in_settle_ms")
     lines = [
         f"one billed call at concurrency 1, {f['requests']:,} calls (means per call unless a p50):",
         f"  added p50 over calling the upstream directly: meterline {added['meterline']:.3f} ms,"
         f" bare relay {added['bare-proxy']:.3f} ms",
         f"  time in the gateway (arrival to last byte)          {f['gateway_ms']:.3f} ms",
         f"    waiting for the upstream                           {f['upstream_ms']:.3f} ms",
+        "  (statement times are per billed call: a call under a quota grant runs only the last of them)",
         f"    the hold's statement (round trip, commit included) {f['reserve_statement_ms']:.3f} ms",
         f"      inside meterline_reserve                         {f['in_reserve_ms']:.3f} ms",
         f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
@@ -282,6 +294,9 @@ def _print(f: dict[str, Any]) -> None:
         f" grants {f['in_grants_draw_ms']:.3f}; key {f['in_key_release_ms']:.3f})",
         f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
         f"      the rest: protocol, parse/plan, commit, wake-ups {rest_settle:.3f} ms",
+        f"    a charge under a quota grant (round trip, commit)  {f['quota_statement_ms']:.3f} ms"
+        f"  ({100 * f['quota_settles_per_call']:.0f}% of calls; no hold statement before them)",
+        f"      inside meterline_quota_settle                    {f['in_quota_settle_ms']:.3f} ms",
         f"    the gateway's own work outside those               {f['gateway_own_ms']:.3f} ms",
         f"  CPU per call: gateway {f['gateway_cpu_ms']:.3f} ms (the bare relay's {f['relay_cpu_ms']:.3f} ms),"
         f" PostgreSQL {f['db_cpu_ms']:.3f} ms",

@@ -90,6 +90,7 @@ class LocalQuota:
     demand: int = 0  # worst-case micros admitted (here or by per-call holds) since the last beat
     largest: int = 0  # the largest worst case seen recently
     rate: float = 0.0  # worst-case micros per second, smoothed
+    rated_at: float = field(default_factory=time.monotonic)  # when `demand` started accumulating
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one database step at a time
 
     @property
@@ -171,16 +172,17 @@ class QuotaBook:
 
     # -- giving back -----------------------------------------------------------------------------------------------
 
-    async def give_back(self, account_id: str, *, cool_seconds: float | None = None) -> bool:
+    async def give_back(self, account_id: str) -> bool:
         """Return the room of this process's quota on the account (all of it once nothing is in flight), and take
-        none for a while. True if anything was released."""
+        none for `idle_seconds`. True if this process had a quota there: whatever room it had is back in the
+        available balance when this returns (given back now, or by an earlier give-back this one waited for)."""
         quota = self.quotas.get(account_id)
-        self._cooling[account_id] = time.monotonic() + (self.rules.idle_seconds if cool_seconds is None
-                                                        else cool_seconds)
+        self._cooling[account_id] = time.monotonic() + self.rules.idle_seconds
         if quota is None or quota.gone:
             return False
         quota.closing = True
-        return await self._shrink(quota)
+        await self._shrink(quota)
+        return True
 
     async def _shrink(self, quota: LocalQuota) -> bool:
         quota.frozen = True  # from here until the database answers, nothing is admitted under it
@@ -224,6 +226,8 @@ class QuotaBook:
 
     async def tick(self) -> None:
         now = time.monotonic()
+        for account_id in [a for a, until in self._cooling.items() if until <= now]:
+            del self._cooling[account_id]
         steps: list[Awaitable[None]] = []
         for account_id, (largest, demand) in list(self._wanted.items()):
             if largest > 0 and account_id not in self.quotas and self._cooling.get(account_id, 0.0) <= now:
@@ -265,9 +269,11 @@ class QuotaBook:
     async def _beat(self, quota: LocalQuota, now: float) -> None:
         if quota.gone or quota.frozen:
             return
-        elapsed = self.rules.beat_seconds
-        quota.rate = 0.7 * quota.rate + 0.3 * (quota.demand / elapsed)
-        quota.demand = 0
+        elapsed = now - quota.rated_at
+        if elapsed >= self.rules.beat_seconds:  # a tick woken early leaves the demand to accumulate
+            quota.rate = 0.7 * quota.rate + 0.3 * (quota.demand / elapsed)
+            quota.demand = 0
+            quota.rated_at = now
         if not quota.in_flight and (quota.closing or now - quota.last_used >= self.rules.idle_seconds):
             await self._shrink(quota)  # idle, or given back with calls in flight that have now ended
             return

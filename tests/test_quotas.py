@@ -5,6 +5,7 @@ or when a call would otherwise be refused; a key with a spend limit never uses o
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -245,3 +246,31 @@ async def test_a_gateway_killed_under_load_with_quotas_loses_no_answered_call_an
     assert len(early) <= len(named) <= len(unanswered)
     assert counts["in_flight_unsettled"] >= 1  # the kill caught calls under the quota
     assert await verify(pool) == []
+
+
+async def test_a_stream_under_a_quota_is_charged_before_its_done_and_a_revoked_key_stops_at_once(
+        quota_client: TestClient, pool: asyncpg.Pool, openrouter: FakeUpstream) -> None:
+    account_id, secret = await make_customer(pool, balance_micros=50_000_000)
+    assert (await chat(quota_client, secret)).status == 200
+    quota = await until(lambda: pending_quota(pool, account_id), "a quota is taken")
+    resp = await quota_client.post(
+        "/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True,
+              "stream_options": {"include_usage": True}})
+    assert resp.status == 200
+    text = await resp.text()
+    assert text.rstrip().endswith("data: [DONE]")
+    usage = [json.loads(line[6:]) for line in text.splitlines()
+             if line.startswith("data: {") and '"usage"' in line][-1]["usage"]
+    request_id = resp.headers["X-Request-Id"]
+    hold = await pool.fetchrow("SELECT * FROM holds WHERE request_id = $1", request_id)
+    charge = await pool.fetchval("SELECT amount_micros FROM transfers WHERE request_id = $1", request_id)
+    assert (hold["quota_id"], hold["state"], charge) == (quota["id"], "settled", usage["cost_micros"])
+    key_id = await pool.fetchval("SELECT id FROM api_keys WHERE account_id = $1", account_id)
+    await pool.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+    await until(lambda: _refused(quota_client, secret), "the revoked key is refused", seconds=1.0)
+    assert await verify(pool) == []
+
+
+async def _refused(client: TestClient, secret: str) -> bool:
+    return (await chat(client, secret)).status == 401
