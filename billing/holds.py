@@ -145,9 +145,12 @@ class Quoted:
         try:
             return await self.batched.reserve(hold, low, high)
         except InsufficientBalance:
-            # This process's quota on the account may hold what the call needs: give its room back and ask again,
-            # so that a call is refused only when the balance truly cannot cover it.
-            if not await self.book.give_back(hold.account_id):
+            # Quotas on the account (this process's, other processes') may hold what the call needs: their room
+            # is given back and the hold asked again, so that a call is refused only when the balance truly
+            # cannot cover it.
+            mine = await self.book.give_back(hold.account_id)
+            theirs = await self.book.recall(hold.account_id)
+            if not (mine or theirs):
                 raise
             return await self.batched.reserve(hold, low, high)
 

@@ -59,12 +59,14 @@ class QuotaRules:
     horizon_seconds: float = 2.0  # a quota is sized to this long of the account's worst-case demand
     idle_seconds: float = 10.0  # unused this long: given back
     call_ttl_seconds: float = 900.0  # how long a call may run (the per-call hold's TTL)
+    # How long past call_ttl_seconds a beat extends the quota's life. A holder that stops beating (dead, or cut off
+    # from the database) admits nothing under it a lease after its last beat, and it expires a call TTL later.
+    lease_seconds: float = 10.0
 
     @property
-    def lease_seconds(self) -> float:
-        """How long past call_ttl_seconds a beat extends the quota's life: ten beats, at least a second. A holder
-        that stops beating stops admitting within half of it, and the quota expires a call TTL after that."""
-        return max(10 * self.beat_seconds, 1.0)
+    def recall_wait_seconds(self) -> float:
+        """How long a refused call waits for other processes to give their quotas' room back."""
+        return max(1.0, 10 * self.beat_seconds)
 
     @property
     def ttl_ms(self) -> int:
@@ -205,6 +207,24 @@ class QuotaBook:
         finally:
             quota.frozen = False
 
+    async def recall(self, account_id: str) -> bool:
+        """Ask every other process holding a live quota on the account for its room back, and wait (at most a
+        second, or ten beats) until each has given it back: their next tick hears it. True if any was asked (the
+        caller asks for its hold again). A dead process's quota answers never: its room stays held until it
+        expires."""
+        asked = await self.pool.fetchval("SELECT meterline_quota_recall($1, $2)", account_id, self.holder)
+        if not asked:
+            return False
+        deadline = time.monotonic() + self.rules.recall_wait_seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.rules.beat_seconds / 5)
+            waiting = await self.pool.fetchval(
+                "SELECT count(*) FROM quotas WHERE account_id = $1 AND state = 'pending' AND holder <> $2"
+                " AND recalled_at IS NOT NULL AND expires_at > now()", account_id, self.holder)
+            if not waiting:
+                break
+        return True
+
     def _gone(self, quota: LocalQuota) -> None:
         quota.gone = True
         if self.quotas.get(quota.account_id) is quota:
@@ -219,7 +239,7 @@ class QuotaBook:
                 with _suppressed():
                     await asyncio.wait_for(self._wake.wait(), timeout=self.rules.beat_seconds)
                 self._wake.clear()
-                await self.tick()
+                await self._guarded(self.tick())
                 await asyncio.sleep(self.rules.beat_seconds / 5)  # woken early at most five times a beat
         finally:
             await asyncio.shield(self.close())
@@ -229,6 +249,8 @@ class QuotaBook:
         for account_id in [a for a, until in self._cooling.items() if until <= now]:
             del self._cooling[account_id]
         steps: list[Awaitable[None]] = []
+        if self.quotas:
+            steps.append(self._guarded(self._hear_recalls()))
         for account_id, (largest, demand) in list(self._wanted.items()):
             if largest > 0 and account_id not in self.quotas and self._cooling.get(account_id, 0.0) <= now:
                 steps.append(self._guarded(self._take(account_id, largest, demand)))
@@ -238,7 +260,14 @@ class QuotaBook:
         if steps:
             await asyncio.gather(*steps)
 
-    async def _guarded(self, step: Awaitable[None]) -> None:
+    async def _hear_recalls(self) -> None:
+        """One read a tick, however many quotas: has another process recalled any of ours?"""
+        recalled = await self.pool.fetch(
+            "SELECT account_id FROM quotas WHERE recalled_at IS NOT NULL AND state = 'pending' AND holder = $1",
+            self.holder)
+        await asyncio.gather(*(self._guarded(self.give_back(row["account_id"])) for row in recalled))
+
+    async def _guarded(self, step: Awaitable[object]) -> None:
         try:
             await step
         except DatabaseUnavailable:
@@ -295,6 +324,9 @@ class QuotaBook:
             self._beaten(quota, row)
             if row["delta"]:
                 self.events.quota("grown", row["delta"])
+        if row["recalled"]:  # another process was refused a hold on the account: its room goes back
+            await self.give_back(quota.account_id)
+            return
         available = row["available"]
         floor = self.rules.min_calls * quota.largest * 1_000_000 // self.rules.share_ppm
         if not quota.closing and available is not None and available < floor:

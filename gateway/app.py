@@ -98,7 +98,8 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
         book = QuotaBook(app[POOL], QuotaRules(
             share_ppm=settings.quota_share_ppm, min_calls=settings.quota_min_calls,
             beat_seconds=settings.quota_beat_seconds, horizon_seconds=settings.quota_horizon_seconds,
-            idle_seconds=settings.quota_idle_seconds, call_ttl_seconds=settings.hold_ttl_seconds),
+            idle_seconds=settings.quota_idle_seconds, call_ttl_seconds=settings.hold_ttl_seconds,
+            lease_seconds=settings.quota_lease_seconds),
             events=app[metrics.METRICS])
         app[QUOTAS] = book
         tasks.background(book.run(), "quota beat")

@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     quota_horizon_seconds: float = Field(default=2.0, gt=0)
     # A quota unused this long is given back.
     quota_idle_seconds: float = Field(default=10.0, gt=0)
+    # How long past hold_ttl_seconds a beat extends a quota's life: a process cut off from the database admits
+    # nothing under it this long after its last beat, and a dead process's quota expires hold_ttl_seconds later.
+    quota_lease_seconds: float = Field(default=10.0, gt=0)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict, description="Locally priced models")
     # Chat completions and the model catalog (issue 3).

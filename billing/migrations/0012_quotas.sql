@@ -21,12 +21,16 @@ CREATE TABLE quotas (
     -- ([{"id", "micros", "at"}]), written by the holder's beat.
     in_flight        jsonb NOT NULL DEFAULT '[]',
     in_flight_at     timestamptz,
+    -- Another process was refused a hold on the account and asks the holder for its room back
+    -- (meterline_quota_recall); cleared when the holder gives it back.
+    recalled_at      timestamptz,
     CHECK ((state = 'pending') = (resolved_at IS NULL)),
     CHECK (state = 'pending' OR amount_micros = 0),
     CHECK (granted_micros = drawn_micros + released_micros + amount_micros)
 );
 CREATE INDEX quotas_pending_expiry ON quotas (expires_at) WHERE state = 'pending';
 CREATE INDEX quotas_account ON quotas (account_id, created_at);
+CREATE INDEX quotas_recalled ON quotas (holder) WHERE recalled_at IS NOT NULL AND state = 'pending';
 
 -- Whether a key has a spend limit is cached with it (its calls take per-call holds, never a quota): setting or
 -- clearing one is announced to every gateway like the key's other cached columns.
@@ -172,11 +176,13 @@ END $$;
 -- [[request id, worst-case micros, age in ms], ...]), extends the expiry, and moves the amount toward p_target:
 -- growing at most to p_share_ppm of what the account has available (this quota's amount included) and never while
 -- the account is in debt; shrinking never below p_floor (what its calls in flight may still draw). Returns the
--- quota's state, the change made to its amount, its amount and expiry after, and the account's available balance.
--- A quota that is no longer pending (it expired) changes nothing.
+-- quota's state, the change made to its amount, its amount and expiry after, the account's available balance, and
+-- whether another process has recalled it (its holder then gives its room back: a beat that may shrink it, with a
+-- p_floor at most its amount, answers the recall). A quota that is no longer pending (it expired) changes nothing.
 CREATE OR REPLACE FUNCTION meterline_quota_beat(
     p_quota_id text, p_target bigint, p_floor bigint, p_share_ppm bigint, p_ttl_ms bigint, p_in_flight jsonb
-) RETURNS TABLE (state text, delta bigint, amount bigint, expires_at timestamptz, available bigint)
+) RETURNS TABLE (state text, delta bigint, amount bigint, expires_at timestamptz, available bigint,
+                 recalled boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     q           quotas;
@@ -190,7 +196,7 @@ BEGIN
         RAISE EXCEPTION 'no quota %', p_quota_id USING ERRCODE = 'ML003';
     END IF;
     IF q.state <> 'pending' THEN
-        RETURN QUERY SELECT q.state, 0::bigint, 0::bigint, q.expires_at, NULL::bigint;
+        RETURN QUERY SELECT q.state, 0::bigint, 0::bigint, q.expires_at, NULL::bigint, false;
         RETURN;
     END IF;
     SELECT a.credits_posted - a.debits_posted - a.held_micros, a.grants_due_at INTO v_available, v_due
@@ -216,11 +222,13 @@ BEGIN
                            'id', e->>0, 'micros', (e->>1)::bigint,
                            'at', now() - (e->>2)::bigint * interval '1 millisecond'))
                                    FROM jsonb_array_elements(p_in_flight) e), '[]'::jsonb),
-           in_flight_at = now()
+           in_flight_at = now(),
+           recalled_at = CASE WHEN p_floor <= q.amount_micros THEN NULL ELSE q.recalled_at END
      WHERE quotas.id = p_quota_id
     RETURNING quotas.expires_at INTO v_expires;
     RETURN QUERY SELECT 'pending'::text, v_amount - q.amount_micros, v_amount, v_expires,
-                        v_available - (v_amount - q.amount_micros);
+                        v_available - (v_amount - q.amount_micros),
+                        q.recalled_at IS NOT NULL AND p_floor > q.amount_micros;
 END $$;
 
 -- quota_return: the holder gives a quota back, with no call of it in flight: its whole amount is released. A quota
@@ -239,6 +247,19 @@ BEGIN
                       in_flight = '[]', in_flight_at = now(), resolved_at = now()
      WHERE id = p_quota_id;
     RETURN q.amount_micros;
+END $$;
+
+-- quota_recall: a process refused a hold on the account asks every other process holding a live quota on it for
+-- its room back (their next beat sees it). Returns how many quotas were asked.
+CREATE OR REPLACE FUNCTION meterline_quota_recall(p_account_id text, p_holder text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE quotas SET recalled_at = COALESCE(recalled_at, now())
+     WHERE account_id = p_account_id AND state = 'pending' AND holder <> p_holder AND expires_at > now();
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
 END $$;
 
 -- quota_settle: charge (p_actual) or void (p_actual NULL) one call admitted under a quota, writing its hold row
