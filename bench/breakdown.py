@@ -272,31 +272,38 @@ def _figures(p50: dict[str, list[float]], totals: dict[str, float], count: int, 
 
 def _print(f: dict[str, Any]) -> None:
     added = f["added_p50_ms"]
-    def rest(statement: str, inside: str) -> float:  # a statement no call ran has no rest
-        return f[statement] - f[inside] - f["wal_sync_ms"] if f[statement] else 0.0
-
-    rest_reserve = rest("reserve_statement_ms", "in_reserve_ms")
-    rest_settle = rest("settle_statement_ms", "in_settle_ms")
+    rest_reserve = f["reserve_statement_ms"] - f["in_reserve_ms"] - f["wal_sync_ms"]
+    rest_settle = f["settle_statement_ms"] - f["in_settle_ms"] - f["wal_sync_ms"]
+    rest_quota = f["quota_statement_ms"] - f["in_quota_settle_ms"] - f["wal_sync_ms"]
     lines = [
         f"one billed call at concurrency 1, {f['requests']:,} calls (means per call unless a p50):",
         f"  added p50 over calling the upstream directly: meterline {added['meterline']:.3f} ms,"
         f" bare relay {added['bare-proxy']:.3f} ms",
         f"  time in the gateway (arrival to last byte)          {f['gateway_ms']:.3f} ms",
         f"    waiting for the upstream                           {f['upstream_ms']:.3f} ms",
-        "  (statement times are per billed call: a call under a quota grant runs only the last of them)",
-        f"    the hold's statement (round trip, commit included) {f['reserve_statement_ms']:.3f} ms",
-        f"      inside meterline_reserve                         {f['in_reserve_ms']:.3f} ms",
-        f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
-        f"      the rest: protocol, parse/plan, commit, wake-ups {rest_reserve:.3f} ms",
-        f"    the charge's statement (round trip, commit incl.)  {f['settle_statement_ms']:.3f} ms",
-        f"      inside meterline_settle                          {f['in_settle_ms']:.3f} ms"
-        f"  (its own code {f['in_settle_self_ms']:.3f}; record {f['in_record_ms']:.3f};"
-        f" grants {f['in_grants_draw_ms']:.3f}; key {f['in_key_release_ms']:.3f})",
-        f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
-        f"      the rest: protocol, parse/plan, commit, wake-ups {rest_settle:.3f} ms",
-        f"    a charge under a quota grant (round trip, commit)  {f['quota_statement_ms']:.3f} ms"
-        f"  ({100 * f['quota_settles_per_call']:.0f}% of calls; no hold statement before them)",
-        f"      inside meterline_quota_settle                    {f['in_quota_settle_ms']:.3f} ms",
+    ]
+    if f["quota_settles_per_call"] < 0.95:  # per-call holds (quotas off, or an account too small for one)
+        lines += [
+            f"    the hold's statement (round trip, commit included) {f['reserve_statement_ms']:.3f} ms",
+            f"      inside meterline_reserve                         {f['in_reserve_ms']:.3f} ms",
+            f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
+            f"      the rest: protocol, parse/plan, commit, wake-ups {rest_reserve:.3f} ms",
+            f"    the charge's statement (round trip, commit incl.)  {f['settle_statement_ms']:.3f} ms",
+            f"      inside meterline_settle                          {f['in_settle_ms']:.3f} ms"
+            f"  (its own code {f['in_settle_self_ms']:.3f}; record {f['in_record_ms']:.3f};"
+            f" grants {f['in_grants_draw_ms']:.3f}; key {f['in_key_release_ms']:.3f})",
+            f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
+            f"      the rest: protocol, parse/plan, commit, wake-ups {rest_settle:.3f} ms",
+        ]
+    else:  # under the process's quota grant (all but the first calls)
+        lines += [
+            "    admitted under the process's quota grant: no statement before forwarding",
+            f"    the charge's statement (round trip, commit incl.)  {f['quota_statement_ms']:.3f} ms",
+            f"      inside meterline_quota_settle                    {f['in_quota_settle_ms']:.3f} ms",
+            f"      one WAL flush (pg_stat_wal)                      {f['wal_sync_ms']:.3f} ms",
+            f"      the rest: protocol, parse/plan, commit, wake-ups {rest_quota:.3f} ms",
+        ]
+    lines += [
         f"    the gateway's own work outside those               {f['gateway_own_ms']:.3f} ms",
         f"  CPU per call: gateway {f['gateway_cpu_ms']:.3f} ms (the bare relay's {f['relay_cpu_ms']:.3f} ms),"
         f" PostgreSQL {f['db_cpu_ms']:.3f} ms",
