@@ -133,6 +133,8 @@ class QuotaBook:
         self._wanted: dict[str, tuple[int, int]] = {}  # account -> (largest worst case, demand) seen by holds
         self._cooling: dict[str, float] = {}  # account -> monotonic time before which no quota is taken
         self._wake = asyncio.Event()
+        # The loop's statements (takes, beats, give-backs) share the request path's pool: a few at a time.
+        self._steps = asyncio.Semaphore(4)
 
     # -- the hot path --------------------------------------------------------------------------------------------
 
@@ -212,7 +214,10 @@ class QuotaBook:
         second, or ten beats) until each has given it back: their next tick hears it. True if any was asked (the
         caller asks for its hold again). A dead process's quota answers never: its room stays held until it
         expires."""
-        asked = await self.pool.fetchval("SELECT meterline_quota_recall($1, $2)", account_id, self.holder)
+        # A holder beats an unchanged quota every half lease: one silent for a lease is taken for dead.
+        alive_ms = int(self.rules.lease_seconds * 1000)
+        asked = await self.pool.fetchval("SELECT meterline_quota_recall($1, $2, $3)", account_id, self.holder,
+                                         alive_ms)
         if not asked:
             return False
         deadline = time.monotonic() + self.rules.recall_wait_seconds
@@ -220,7 +225,9 @@ class QuotaBook:
             await asyncio.sleep(self.rules.beat_seconds / 5)
             waiting = await self.pool.fetchval(
                 "SELECT count(*) FROM quotas WHERE account_id = $1 AND state = 'pending' AND holder <> $2"
-                " AND recalled_at IS NOT NULL AND expires_at > now()", account_id, self.holder)
+                " AND recalled_at IS NOT NULL"
+                " AND COALESCE(in_flight_at, created_at) > now() - $3 * interval '1 millisecond'",
+                account_id, self.holder, alive_ms)
             if not waiting:
                 break
         return True
@@ -239,7 +246,7 @@ class QuotaBook:
                 with _suppressed():
                     await asyncio.wait_for(self._wake.wait(), timeout=self.rules.beat_seconds)
                 self._wake.clear()
-                await self._guarded(self.tick())
+                await self._guarded(self.tick(), limited=False)
                 await asyncio.sleep(self.rules.beat_seconds / 5)  # woken early at most five times a beat
         finally:
             await asyncio.shield(self.close())
@@ -250,7 +257,7 @@ class QuotaBook:
             del self._cooling[account_id]
         steps: list[Awaitable[None]] = []
         if self.quotas:
-            steps.append(self._guarded(self._hear_recalls()))
+            steps.append(self._guarded(self._hear_recalls(), limited=False))  # its give-backs are limited
         for account_id, (largest, demand) in list(self._wanted.items()):
             if largest > 0 and account_id not in self.quotas and self._cooling.get(account_id, 0.0) <= now:
                 steps.append(self._guarded(self._take(account_id, largest, demand)))
@@ -267,9 +274,15 @@ class QuotaBook:
             self.holder)
         await asyncio.gather(*(self._guarded(self.give_back(row["account_id"])) for row in recalled))
 
-    async def _guarded(self, step: Awaitable[object]) -> None:
+    async def _guarded(self, step: Awaitable[object], *, limited: bool = True) -> None:
+        """Run a step of the loop, logging its failure; `limited` steps run a few at a time (each is one or two
+        statements, and none of them needs a second slot)."""
         try:
-            await step
+            if limited:
+                async with self._steps:
+                    await step
+            else:
+                await step
         except DatabaseUnavailable:
             pass  # billing.db logs the outage once; a quota not beaten stops admitting at its deadline
         except Exception:

@@ -249,15 +249,17 @@ BEGIN
     RETURN q.amount_micros;
 END $$;
 
--- quota_recall: a process refused a hold on the account asks every other process holding a live quota on it for
--- its room back (their next beat sees it). Returns how many quotas were asked.
-CREATE OR REPLACE FUNCTION meterline_quota_recall(p_account_id text, p_holder text) RETURNS integer
-LANGUAGE plpgsql AS $$
+-- quota_recall: a process refused a hold on the account asks every other process holding a live quota on it (one
+-- beaten within p_alive_ms: a dead holder cannot answer) for its room back; the holder reads its recalled quotas
+-- once a tick. Returns how many quotas were asked.
+CREATE OR REPLACE FUNCTION meterline_quota_recall(p_account_id text, p_holder text, p_alive_ms bigint)
+RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     v_count integer;
 BEGIN
     UPDATE quotas SET recalled_at = COALESCE(recalled_at, now())
-     WHERE account_id = p_account_id AND state = 'pending' AND holder <> p_holder AND expires_at > now();
+     WHERE account_id = p_account_id AND state = 'pending' AND holder <> p_holder
+       AND COALESCE(in_flight_at, created_at) > now() - p_alive_ms * interval '1 millisecond';
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END $$;
