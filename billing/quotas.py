@@ -31,6 +31,7 @@ admitted more than one beat before the kill, from the intent record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -91,7 +92,7 @@ class LocalQuota:
     last_used: float = 0.0
     demand: int = 0  # worst-case micros admitted (here or by per-call holds) since the last beat
     largest: int = 0  # the largest worst case seen recently
-    rate: float = 0.0  # worst-case micros per second, smoothed
+    rate: int = 0  # worst-case micros per second, smoothed
     rated_at: float = field(default_factory=time.monotonic)  # when `demand` started accumulating
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one database step at a time
 
@@ -172,7 +173,9 @@ class QuotaBook:
         quota = self.quotas.get(account_id)
         if quota is not None:
             quota.demand += worst
-        self._wake.set()
+            self._wake.set()  # it may need to grow
+        elif self._cooling.get(account_id, 0.0) <= time.monotonic():
+            self._wake.set()  # one may be taken
 
     # -- giving back -----------------------------------------------------------------------------------------------
 
@@ -243,7 +246,7 @@ class QuotaBook:
         """Take, beat and give back quotas until cancelled (then give back what is idle)."""
         try:
             while True:
-                with _suppressed():
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self.rules.beat_seconds)
                 self._wake.clear()
                 await self._guarded(self.tick(), limited=False)
@@ -292,7 +295,7 @@ class QuotaBook:
         return max(self.rules.min_calls * quota.largest, int(quota.rate * self.rules.horizon_seconds))
 
     async def _take(self, account_id: str, largest: int, demand: int) -> None:
-        rate = demand / self.rules.beat_seconds
+        rate = int(demand / self.rules.beat_seconds)
         quota_id = "quota_" + secrets.token_hex(10)
         low = self.rules.min_calls * largest
         high = max(low, int(rate * self.rules.horizon_seconds))
@@ -313,7 +316,7 @@ class QuotaBook:
             return
         elapsed = now - quota.rated_at
         if elapsed >= self.rules.beat_seconds:  # a tick woken early leaves the demand to accumulate
-            quota.rate = 0.7 * quota.rate + 0.3 * (quota.demand / elapsed)
+            quota.rate = (7 * quota.rate + 3 * int(quota.demand / elapsed)) // 10
             quota.demand = 0
             quota.rated_at = now
         if not quota.in_flight and (quota.closing or now - quota.last_used >= self.rules.idle_seconds):
@@ -337,9 +340,6 @@ class QuotaBook:
             self._beaten(quota, row)
             if row["delta"]:
                 self.events.quota("grown", row["delta"])
-        if row["recalled"]:  # another process was refused a hold on the account: its room goes back
-            await self.give_back(quota.account_id)
-            return
         available = row["available"]
         floor = self.rules.min_calls * quota.largest * 1_000_000 // self.rules.share_ppm
         if not quota.closing and available is not None and available < floor:
@@ -362,22 +362,12 @@ class QuotaBook:
         """Give back every quota with nothing in flight (at shutdown, once settlements have drained)."""
         for quota in list(self.quotas.values()):
             if not quota.in_flight:
-                with _suppressed():
+                with contextlib.suppress(Exception):  # best effort: an unreturned quota expires on its own
                     await self._shrink(quota)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [{"id": q.id, "account_id": q.account_id, "amount_micros": q.amount, "reserved_micros": q.reserved,
                  "in_flight": len(q.in_flight)} for q in self.quotas.values()]
-
-
-class _suppressed:
-    """Swallow a timeout or a failure of a best-effort step (asyncio.TimeoutError included)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, Exception)
 
 
 async def sweep(conn: db.Executor, *, limit: int = 500) -> int:

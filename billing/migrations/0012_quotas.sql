@@ -176,13 +176,12 @@ END $$;
 -- [[request id, worst-case micros, age in ms], ...]), extends the expiry, and moves the amount toward p_target:
 -- growing at most to p_share_ppm of what the account has available (this quota's amount included) and never while
 -- the account is in debt; shrinking never below p_floor (what its calls in flight may still draw). Returns the
--- quota's state, the change made to its amount, its amount and expiry after, the account's available balance, and
--- whether another process has recalled it (its holder then gives its room back: a beat that may shrink it, with a
--- p_floor at most its amount, answers the recall). A quota that is no longer pending (it expired) changes nothing.
+-- quota's state, the change made to its amount, its amount and expiry after, and the account's available balance.
+-- A beat that may shrink it (a p_floor at most its amount: its holder giving room back) answers a recall. A quota
+-- that is no longer pending (it expired) changes nothing.
 CREATE OR REPLACE FUNCTION meterline_quota_beat(
     p_quota_id text, p_target bigint, p_floor bigint, p_share_ppm bigint, p_ttl_ms bigint, p_in_flight jsonb
-) RETURNS TABLE (state text, delta bigint, amount bigint, expires_at timestamptz, available bigint,
-                 recalled boolean)
+) RETURNS TABLE (state text, delta bigint, amount bigint, expires_at timestamptz, available bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     q           quotas;
@@ -196,7 +195,7 @@ BEGIN
         RAISE EXCEPTION 'no quota %', p_quota_id USING ERRCODE = 'ML003';
     END IF;
     IF q.state <> 'pending' THEN
-        RETURN QUERY SELECT q.state, 0::bigint, 0::bigint, q.expires_at, NULL::bigint, false;
+        RETURN QUERY SELECT q.state, 0::bigint, 0::bigint, q.expires_at, NULL::bigint;
         RETURN;
     END IF;
     SELECT a.credits_posted - a.debits_posted - a.held_micros, a.grants_due_at INTO v_available, v_due
@@ -227,8 +226,7 @@ BEGIN
      WHERE quotas.id = p_quota_id
     RETURNING quotas.expires_at INTO v_expires;
     RETURN QUERY SELECT 'pending'::text, v_amount - q.amount_micros, v_amount, v_expires,
-                        v_available - (v_amount - q.amount_micros),
-                        q.recalled_at IS NOT NULL AND p_floor > q.amount_micros;
+                        v_available - (v_amount - q.amount_micros);
 END $$;
 
 -- quota_return: the holder gives a quota back, with no call of it in flight: its whole amount is released. A quota
